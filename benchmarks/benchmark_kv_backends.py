@@ -1,0 +1,94 @@
+"""Per KV backend: us per attend, achieved GB/s (bytes the cache must read) against the measured
+copy bandwidth, bytes per token, peak CUDA memory over baseline, speedup over the torch reference.
+
+    python benchmarks/benchmark_kv_backends.py --out kv_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton_kv_ops as kv  # noqa: E402
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() / ms / 1e6  # GB/s, bytes read + written
+
+
+def bench(fn, reps=50) -> float:
+    """Median ms of fn over reps, timed by CUDA graph replay so launch gaps do not dominate."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", default="256,1024,4096,16384")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--backends", default="bf16,int8,int8_triton,qjl,qjl_triton")
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--q-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--out", type=Path, default=Path("kv_bench.json"))
+    a = p.parse_args()
+    bw = copy_bandwidth()
+    print(f"measured copy bandwidth: {bw:.0f} GB/s")
+    cfg = kv.KVConfig(group_size=32, qjl_dim=256, value_bits=4)
+    rows = []
+    for ctx in map(int, a.contexts.split(",")):
+        for b in map(int, a.batches.split(",")):
+            ref_us = {}
+            for name in a.backends.split(","):
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                cache = kv.make_kv_cache(name, b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda", torch.bfloat16, cfg)
+                for buf in cache.buffers.values():  # random codes: never time on zeros
+                    buf.copy_(torch.randint(-100, 100, buf.shape, device="cuda").to(buf.dtype) if not buf.is_floating_point()
+                              else torch.rand(buf.shape, device="cuda").to(buf.dtype) * 0.01 + 0.001)
+                cache.lengths.fill_(ctx)
+                q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+                cache.prewarm()
+                cache.lengths.fill_(ctx)
+                held = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                ms = bench(lambda c=cache, x=q: c.attend(x))
+                peak = torch.cuda.max_memory_allocated() - held
+                us = ms * 1000
+                ref_us[name] = us
+                moved = b * ctx * cache.bytes_per_token()
+                ref = kv.TORCH_REFERENCE.get(name)
+                rows.append({"backend": name, "context": ctx, "batch": b, "us_per_attend": us, "GB_s": moved / ms / 1e6,
+                             "frac_of_copy_bw": moved / ms / 1e6 / bw, "bytes_per_token": cache.bytes_per_token(),
+                             "peak_over_baseline_mib": peak / 2**20, "cache_mib": (held - base) / 2**20,
+                             "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None})
+    print(f"{'backend':<12}{'ctx':>7}{'B':>4}{'us':>10}{'GB/s':>9}{'%bw':>6}{'B/tok':>7}{'peak+MiB':>10}{'x torch':>9}")
+    for r in rows:
+        sp = f"{r['speedup_vs_torch']:.1f}" if r["speedup_vs_torch"] else "-"
+        print(f"{r['backend']:<12}{r['context']:>7}{r['batch']:>4}{r['us_per_attend']:>10.1f}{r['GB_s']:>9.0f}"
+              f"{100 * r['frac_of_copy_bw']:>6.1f}{r['bytes_per_token']:>7}{r['peak_over_baseline_mib']:>10.1f}{sp:>9}")
+    a.out.write_text(json.dumps({"copy_bandwidth_GB_s": bw, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
