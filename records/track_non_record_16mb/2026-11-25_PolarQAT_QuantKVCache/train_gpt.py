@@ -1,0 +1,1371 @@
+"""Parameter-golf trainer: a small GPT trained with Polar STE QAT, exported as polar+zlib,
+rescored from the artifact on every rank, then decoded autoregressively through a
+quantized KV cache (triton_kv_ops.py) on rank 0.
+
+Sections, in reading order: hyperparameters, distributed + logging, data, quantization
+(int8 and polar codecs, artifact), model, Muon, evaluation, main().
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import triton_kv_ops as kv
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines without triton still train (torch codec path).
+    triton = None
+
+PROCESS_START = time.perf_counter()
+CODE_FILES = (Path(__file__).resolve(), Path(kv.__file__).resolve())
+
+# -----------------------------------------------------------------------------
+# Hyperparameters: every field is read from the env var of the same name, upper-cased.
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Hyperparameters:
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""
+    seed: int = 1337
+    out_dir: str = "."
+    # Validation cadence; VAL_MAX_TOKENS>0 scores only a prefix (smoke runs only).
+    val_batch_size: int = 524_288
+    val_loss_every: int = 1000
+    val_max_tokens: int = 0
+    train_log_every: int = 200
+    # Training length and the wallclock promise.
+    iterations: int = 20000
+    warmdown_iters: int = 1200
+    warmup_steps: int = 20
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE, as the challenge's 8-GPU batch split
+    max_wallclock_seconds: float = 600.0
+    strict_wallclock: bool = False  # count the budget from process start (setup + compile too)
+    compile: str = "auto"  # auto: on for CUDA, off for CPU
+    # Model shape.
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    # Optimizers (the baseline's values).
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    tied_embed_init_std: float = 0.005
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0
+    # Weight quantization: QAT in training, the same codec at export.
+    qat_scheme: str = "none"  # none | int8 | polar
+    qat_start_frac: float = 0.5
+    weight_quant_scheme: str = "int8"  # int8 | polar
+    polar_bits: str = "4,3,3,3,4"
+    polar_embed_bits: str = "5,4,4,4,5"
+    polar_seed: int = 20240520
+    compressor: str = "zlib"  # zlib | lzma
+    # Final autoregressive eval through the KV cache (rank 0).
+    kv_quant_backend: str = "int8_triton"
+    kv_eval_compare_backends: str = ""
+    kv_eval_max_tokens: int = 0  # 0: the whole validation split
+    kv_eval_batch: int = 64
+    kv_eval_context_len: int = 0  # 0: TRAIN_SEQ_LEN windows; >0: sliding cache over one stream per row
+    kv_eval_cuda_graph: bool = True
+    kv_group_size: int = 32
+    kv_qjl_dim: int = 256
+    kv_value_bits: int = 4
+    kv_recent_exact_tokens: int = 8
+    kv_seed: int = 0
+
+    CHOICES = {
+        "compile": ("auto", "0", "1"),
+        "qat_scheme": ("none", "int8", "polar"),
+        "weight_quant_scheme": ("int8", "polar"),
+        "compressor": ("zlib", "lzma"),
+    }
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Hyperparameters":
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[f.name] = _parse_env_value(raw, f.type)
+            except ValueError:
+                raise ValueError(f"{f.name.upper()}={raw!r} is not a valid {f.type}; default is {f.default!r}") from None
+        args = cls(**values)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name.upper()}={getattr(self, name)!r}: {what}")
+
+        for name, choices in self.CHOICES.items():
+            need(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "num_layers", "model_dim",
+                     "num_heads", "num_kv_heads", "mlp_mult", "val_batch_size", "kv_eval_batch", "kv_group_size",
+                     "kv_qjl_dim", "muon_backend_steps"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        for name in ("warmup_steps", "warmdown_iters", "val_loss_every", "train_log_every", "val_max_tokens",
+                     "grad_accum_steps", "kv_eval_max_tokens", "kv_eval_context_len", "kv_recent_exact_tokens",
+                     "muon_momentum_warmup_steps"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.max_wallclock_seconds >= 0, "max_wallclock_seconds", "must be >= 0 (0 disables the cap)")
+        need(0.0 <= self.qat_start_frac <= 1.0, "qat_start_frac", "must be in [0, 1]")
+        need(self.model_dim % self.num_heads == 0, "model_dim", "must be divisible by NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "num_heads", "must be divisible by NUM_KV_HEADS")
+        need((self.model_dim // self.num_heads) % 2 == 0, "model_dim", "head_dim must be even for RoPE")
+        need(self.logit_softcap > 0, "logit_softcap", "must be positive")
+        need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
+        need(self.kv_qjl_dim % 8 == 0, "kv_qjl_dim", "must be a multiple of 8 (sign bits are packed 8 per byte)")
+        need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
+        for name in ("polar_bits", "polar_embed_bits"):
+            try:
+                bits = parse_polar_bits(getattr(self, name))
+            except ValueError:
+                bits = ()
+            need(bool(bits) and all(1 <= b <= 8 for b in bits), name, "must be comma-separated bits in 1..8, e.g. 4,3,3,2")
+        for name in [self.kv_quant_backend, *self.compare_backends]:
+            if name not in kv.KV_BACKENDS:
+                raise ValueError(f"KV backend {name!r} is unknown; valid backends: {', '.join(kv.KV_BACKENDS)}")
+
+    @property
+    def compare_backends(self) -> list[str]:
+        return [b for b in self.kv_eval_compare_backends.split(",") if b]
+
+    @property
+    def train_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_train_*.bin")
+
+    @property
+    def val_files(self) -> str:
+        return os.path.join(self.data_path, "fineweb_val_*.bin")
+
+    def model_config(self) -> dict:
+        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+                "rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _parse_env_value(raw: str, kind: str):
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(raw)
+    return {"int": int, "float": float, "str": str}[kind](raw)
+
+
+def parse_polar_bits(spec: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in spec.split(",") if b.strip())
+
+
+# -----------------------------------------------------------------------------
+# Distributed + logging
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def all_ranks_agree(flag: bool, d: Dist) -> bool:
+    """True on every rank as soon as any rank says True (the wallclock stop decision)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class RunLog:
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+    def header(self) -> None:
+        for path in CODE_FILES:
+            self(f"==> {path.name} <==\n{path.read_text(encoding='utf-8')}", console=False)
+        self("=" * 100, console=False)
+        versions = f"python {sys.version.split()[0]} torch {torch.__version__} numpy {np.__version__}"
+        versions += f" sentencepiece {spm.__version__} triton {getattr(triton, '__version__', 'absent')}"
+        self(f"versions: {versions}")
+        if torch.cuda.is_available():
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout
+            self(smi, console=False)
+
+
+def code_bytes() -> int:
+    return sum(len(p.read_bytes()) for p in CODE_FILES)
+
+
+def cuda_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Data: challenge shards (256 x int32 header, then uint16 tokens) and byte accounting
+# -----------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+SHARD_FIX = "delete it and re-run data/cached_challenge_fineweb.py (FineWeb) or data/build_shards.py (local text)"
+
+
+def read_shard(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"shard {path} has {size} bytes, less than its {SHARD_HEADER_BYTES}-byte header "
+                         f"(empty or truncated download): {SHARD_FIX}")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if int(header[0]) != SHARD_MAGIC:
+        raise ValueError(f"shard {path} has magic {int(header[0])}, expected {SHARD_MAGIC}: "
+                         f"not a challenge shard; {SHARD_FIX}")
+    if int(header[1]) != SHARD_VERSION:
+        raise ValueError(f"shard {path} has version {int(header[1])}, this code reads {SHARD_VERSION}: {SHARD_FIX}")
+    n = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * n:
+        raise ValueError(f"shard {path} is {size} bytes but its header promises {n} tokens "
+                         f"({SHARD_HEADER_BYTES + 2 * n} bytes): truncated or corrupt; {SHARD_FIX}")
+    return np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise FileNotFoundError(f"no shards match {pattern}: download FineWeb with data/cached_challenge_fineweb.py "
+                                f"or build shards from text with data/build_shards.py, then set DATA_PATH")
+    return files
+
+
+class TokenStream:
+    """Reads the shards in order, forever; every rank reads the same stream."""
+
+    def __init__(self, pattern: str):
+        self.files, self.index, self.pos = shard_paths(pattern), 0, 0
+        self.tokens = read_shard(self.files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        chunks = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.index = (self.index + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.index]), 0
+            k = min(n, len(self.tokens) - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(chunks)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes world_size consecutive spans of the stream, one per rank, so a
+    run sees the same tokens in the same order at any world size for one global batch."""
+
+    def __init__(self, pattern: str, d: Dist):
+        self.stream, self.d = TokenStream(pattern), d
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.d.world_size)[self.d.rank * span:(self.d.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64))
+        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+        return x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+
+
+def load_validation_tokens(args: Hyperparameters) -> Tensor:
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(args.val_files)])
+    if args.val_max_tokens > 0:
+        tokens = tokens[:args.val_max_tokens + 1]
+    usable = ((len(tokens) - 1) // args.train_seq_len) * args.train_seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, too few for TRAIN_SEQ_LEN={args.train_seq_len}")
+    if int(tokens.max()) >= args.vocab_size:
+        raise ValueError(f"validation shards hold token id {int(tokens.max())} >= VOCAB_SIZE={args.vocab_size}: "
+                         f"the shards were made with another tokenizer; rebuild them with {args.tokenizer_path}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def load_tokenizer(args: Hyperparameters) -> spm.SentencePieceProcessor:
+    if not Path(args.tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer {args.tokenizer_path} not found: set TOKENIZER_PATH")
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    if sp.vocab_size() != args.vocab_size:
+        raise ValueError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {sp.vocab_size()} "
+                         f"pieces: set VOCAB_SIZE to match or use the tokenizer the shards were built with")
+    return sp
+
+
+@dataclass
+class ByteLUTs:
+    base_bytes: Tensor
+    leading_space: Tensor
+    is_boundary: Tensor
+
+    @classmethod
+    def build(cls, sp: spm.SentencePieceProcessor, device: torch.device) -> "ByteLUTs":
+        n = sp.vocab_size()
+        base, space, boundary = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.ones(n, np.bool_)
+        for i in range(n):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            boundary[i] = False
+            if sp.is_byte(i):
+                base[i] = 1
+                continue
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+        return cls(*(torch.tensor(a, device=device) for a in (base, space, boundary)))
+
+    def count(self, prev: Tensor, tgt: Tensor) -> Tensor:
+        """UTF-8 bytes of each target token; its leading space counts unless the previous token is a boundary."""
+        return self.base_bytes[tgt].to(torch.int64) + (self.leading_space[tgt] & ~self.is_boundary[prev]).to(torch.int64)
+
+
+# -----------------------------------------------------------------------------
+# Quantization: int8 and polar row codecs (encode / decode / fake_quant) and the artifact
+# -----------------------------------------------------------------------------
+
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+KEEP_FLOAT_MAX_NUMEL = 65_536
+
+
+def is_quantized_tensor(name: str, t: Tensor) -> bool:
+    return t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL
+
+
+class Int8RowCodec:
+    """The baseline's scheme: one fp16 absmax scale per row, symmetric int8 codes."""
+
+    name = "int8"
+
+    def encode(self, w: Tensor) -> dict:
+        w = w.float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1.0 / 127.0).half()
+        q = torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127).to(torch.int8)
+        return {"q": q.contiguous(), "scale": scale.contiguous()}
+
+    def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
+        return enc["q"].float() * enc["scale"].float()[:, None]
+
+    @torch.no_grad()
+    def fake_quant_(self, w: Tensor, out: Tensor) -> None:
+        enc = self.encode(w)
+        out.copy_(self.decode(enc, w.shape).to(out.device) - w)
+
+
+def fwht(x: Tensor) -> Tensor:
+    """Unnormalized Sylvester-Hadamard transform over the last dim (a power of two)."""
+    shape, d, h = x.shape, x.shape[-1], 1
+    while h < d:
+        x = x.reshape(*shape[:-1], d // (2 * h), 2, h)
+        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(shape)
+
+
+@lru_cache(maxsize=None)
+def angle_codebook(level: int, bits: int) -> np.ndarray:
+    """Lloyd-Max centroids for the level's angle. Level 0 pairs two rotated (near-Gaussian)
+    coordinates: the angle is uniform on (-pi, pi]. Level l >= 1 pairs the norms of two 2^l-dim
+    Gaussian vectors: sin^2 of the angle is Beta(2^(l-1), 2^(l-1)), a density sin(2t)^(2^l - 1)
+    on [0, pi/2] that narrows around pi/4 level by level."""
+    count = 2 ** bits
+    if level == 0:
+        return (-math.pi + (np.arange(count) + 0.5) * 2 * math.pi / count).astype(np.float64)
+    k = 2 ** level
+    grid = np.linspace(0, math.pi / 2, 20001)[1:-1]
+    logp = (k - 1) * np.log(np.sin(2 * grid))
+    p = np.exp(logp - logp.max())
+    cdf = np.cumsum(p) / p.sum()
+    cents = np.interp((np.arange(count) + 0.5) / count, cdf, grid)
+    for _ in range(300):
+        edges = np.concatenate(([0.0], (cents[1:] + cents[:-1]) / 2, [math.pi / 2]))
+        cell = np.clip(np.searchsorted(edges, grid) - 1, 0, count - 1)
+        mass = np.bincount(cell, weights=p, minlength=count)
+        moment = np.bincount(cell, weights=p * grid, minlength=count)
+        cents = np.where(mass > 0, moment / np.maximum(mass, 1e-300), cents)
+    return cents
+
+
+def uniform_codebook(level: int, bits: int) -> np.ndarray:
+    """The first public attempt's grid: uniform over each level's angle range (for comparison)."""
+    count = 2 ** bits
+    lo, hi = (-math.pi, math.pi) if level == 0 else (0.0, math.pi / 2)
+    return lo + (np.arange(count) + 0.5) * (hi - lo) / count
+
+
+class PolarRowCodec:
+    """Rows padded to d = 2^L, rotated by a seeded randomized Hadamard transform, then turned into
+    polar form level by level: pairs -> (radius, angle), radii paired again, leaving one fp16
+    radius per row and d-1 angles. Angles of level l take bits[l] bits (the last entry repeats)
+    from that level's Lloyd-Max codebook; codes are bit-packed."""
+
+    name = "polar"
+
+    def __init__(self, bits: tuple[int, ...], seed: int, codebook=angle_codebook, rotate: bool = True):
+        self.bits, self.seed, self.codebook, self.rotate = tuple(bits), seed, codebook, rotate
+
+    def level_bits(self, levels: int) -> list[int]:
+        return [self.bits[min(i, len(self.bits) - 1)] for i in range(levels)]
+
+    def tables(self, d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(signs[d], cos[L, K], sin[L, K], codes_per_level[L]); short levels repeat their last centroid."""
+        return polar_tables(tuple(self.level_bits(d.bit_length() - 1)), self.seed, d, device, self.codebook, self.rotate)
+
+    def bits_per_weight(self, rows: int, cols: int) -> float:
+        d = 1 << max(cols - 1, 1).bit_length()
+        levels = d.bit_length() - 1
+        angle_bits = sum(b * (d >> (i + 1)) for i, b in enumerate(self.level_bits(levels)))
+        return rows * (angle_bits + 16) / (rows * cols)
+
+    def _rotate(self, w: Tensor, signs: Tensor) -> Tensor:
+        d = signs.numel()
+        x = F.pad(w.float(), (0, d - w.shape[1]))
+        return fwht(x * signs) / math.sqrt(d)
+
+    def encode_codes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
+        d = 1 << max(w.shape[1] - 1, 1).bit_length()
+        signs, cos, sin, _ = self.tables(d, w.device)
+        r, codes = self._rotate(w, signs), []
+        for lvl in range(cos.shape[0]):
+            a, b = r[:, 0::2], r[:, 1::2]
+            codes.append((a[..., None] * cos[lvl] + b[..., None] * sin[lvl]).argmax(-1).to(torch.uint8))
+            r = torch.sqrt(a * a + b * b)
+        return codes, r[:, 0].half()
+
+    def decode_codes(self, codes: list[Tensor], radius: Tensor, cols: int) -> Tensor:
+        d = 2 * codes[0].shape[1]
+        signs, cos, sin, _ = self.tables(d, radius.device)
+        r = radius.float()[:, None]
+        for lvl in reversed(range(len(codes))):
+            c = codes[lvl].long()
+            r = torch.stack((r * cos[lvl][c], r * sin[lvl][c]), dim=-1).reshape(r.shape[0], -1)
+        return (fwht(r) / math.sqrt(d) * signs)[:, :cols]
+
+    def encode(self, w: Tensor) -> dict:
+        codes, radius = self.encode_codes(w)
+        bits = self.level_bits(len(codes))
+        return {"radius": radius.cpu(), "packed": [pack_bits(c.cpu(), b) for c, b in zip(codes, bits, strict=True)]}
+
+    def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
+        rows, cols = shape
+        d = 1 << max(cols - 1, 1).bit_length()
+        bits = self.level_bits(d.bit_length() - 1)
+        codes = [unpack_bits(p, b, rows * (d >> (i + 1))).reshape(rows, -1)
+                 for i, (p, b) in enumerate(zip(enc["packed"], bits, strict=True))]
+        return self.decode_codes(codes, enc["radius"], cols)
+
+    @torch.no_grad()
+    def fake_quant_(self, w: Tensor, out: Tensor) -> None:
+        """out <- decode(encode(w)) - w: one fused Triton kernel on CUDA, the torch reference elsewhere."""
+        if w.is_cuda and triton is not None and w.shape[1] >= 256:
+            polar_fake_quant_triton(self, w, out)
+        else:
+            codes, radius = self.encode_codes(w)
+            out.copy_(self.decode_codes(codes, radius, w.shape[1]) - w)
+
+
+@lru_cache(maxsize=None)
+def polar_tables(bits: tuple[int, ...], seed: int, d: int, device: torch.device, codebook, rotate: bool):
+    kmax = 2 ** max(bits)
+    ang = np.zeros((len(bits), kmax))
+    for lvl, b in enumerate(bits):
+        c = codebook(lvl, b)
+        ang[lvl] = np.concatenate((c, np.full(kmax - len(c), c[-1])))
+    gen = torch.Generator().manual_seed(seed + d)
+    signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1 if rotate else torch.ones(d)
+    to = dict(device=device, dtype=torch.float32)
+    return (signs.to(**to), torch.tensor(np.cos(ang), **to), torch.tensor(np.sin(ang), **to),
+            torch.tensor([2 ** b for b in bits], device=device, dtype=torch.int32))
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    flat = codes.reshape(-1).numpy().astype(np.uint8)
+    planes = np.unpackbits(flat[:, None], axis=1)[:, 8 - bits:]
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    planes = np.unpackbits(packed.numpy())[:count * bits].reshape(count, bits)
+    full = np.concatenate((np.zeros((count, 8 - bits), np.uint8), planes), axis=1)
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(-1))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _polar_level(r, codes_row, off, cos_ptr, sin_ptr, ncodes_ptr, LVL: tl.constexpr, KMAX: tl.constexpr):
+        """One polar level: pairs of r -> nearest codebook angle (argmax of the cosine), stored as
+        a code; returns the pair radii for the next level."""
+        half: tl.constexpr = r.shape[0] // 2
+        a, b = tl.split(tl.reshape(r, (half, 2)))
+        best = tl.full((half,), float("-inf"), tl.float32)
+        code = tl.zeros((half,), tl.int32)
+        for j in range(tl.load(ncodes_ptr + LVL)):
+            score = a * tl.load(cos_ptr + LVL * KMAX + j) + b * tl.load(sin_ptr + LVL * KMAX + j)
+            take = score > best
+            best, code = tl.where(take, score, best), tl.where(take, j, code)
+        tl.store(codes_row + off + tl.arange(0, half), code.to(tl.uint8))
+        return tl.sqrt(a * a + b * b)
+
+    @triton.jit
+    def _polar_fake_quant_kernel(w_ptr, out_ptr, codes_ptr, radius_ptr, signs_ptr, ha_ptr, hb_ptr, cos_ptr, sin_ptr,
+                                 ncodes_ptr, n_cols, A: tl.constexpr, B: tl.constexpr, LEVELS: tl.constexpr,
+                                 KMAX: tl.constexpr):
+        """One row per program, kept in registers: rotate (H_A X H_B is H_d x for the row viewed as
+        A x B), encode every polar level, decode, rotate back, write dequantized - input."""
+        row = tl.program_id(0).to(tl.int64)
+        D: tl.constexpr = A * B
+        ia, ib = tl.arange(0, A), tl.arange(0, B)
+        idx = ia[:, None] * B + ib[None, :]
+        mask = idx < n_cols
+        w = tl.load(w_ptr + row * n_cols + idx, mask=mask, other=0.0).to(tl.float32)
+        signs = tl.load(signs_ptr + idx)
+        ha = tl.load(ha_ptr + ia[:, None] * A + ia[None, :])
+        hb = tl.load(hb_ptr + ib[:, None] * B + ib[None, :])
+        inv_sqrt_d = 1.0 / tl.sqrt(D * 1.0)
+        x = tl.dot(ha, tl.dot(w * signs, hb, input_precision="ieee"), input_precision="ieee") * inv_sqrt_d
+        codes_row = codes_ptr + row * (D - 1)
+        r = tl.reshape(x, (D,))
+        off = 0
+        for lvl in tl.static_range(LEVELS):
+            r = _polar_level(r, codes_row, off, cos_ptr, sin_ptr, ncodes_ptr, lvl, KMAX)
+            off += D >> (lvl + 1)
+        tl.store(radius_ptr + row + tl.arange(0, 1), r.to(tl.float16))
+        tl.debug_barrier()
+        val = tl.full((A, B), 1.0, tl.float32) * tl.load(radius_ptr + row).to(tl.float32)
+        for i in tl.static_range(LEVELS):
+            lvl = LEVELS - 1 - i
+            code = tl.load(codes_row + (D - (D >> lvl)) + (idx >> (lvl + 1))).to(tl.int32)
+            right = ((idx >> lvl) & 1) == 1
+            c = tl.load(cos_ptr + lvl * KMAX + code)
+            s = tl.load(sin_ptr + lvl * KMAX + code)
+            val = val * tl.where(right, s, c)
+        y = tl.dot(ha, tl.dot(val, hb, input_precision="ieee"), input_precision="ieee") * inv_sqrt_d * signs
+        tl.store(out_ptr + row * n_cols + idx, y - w, mask=mask)
+
+
+@lru_cache(maxsize=None)
+def hadamard_matrix(n: int, device: torch.device) -> Tensor:
+    return fwht(torch.eye(n)).to(device)
+
+
+def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor,
+                            codes: Tensor | None = None, radius: Tensor | None = None) -> None:
+    rows, cols = w.shape
+    d = 1 << max(cols - 1, 1).bit_length()
+    levels = d.bit_length() - 1
+    a = 1 << (levels // 2)
+    b = d // a
+    signs, cos, sin, ncodes = codec.tables(d, w.device)
+    codes = torch.empty((rows, d - 1), dtype=torch.uint8, device=w.device) if codes is None else codes
+    radius = torch.empty(rows, dtype=torch.float16, device=w.device) if radius is None else radius
+    _polar_fake_quant_kernel[(rows,)](w.contiguous(), out, codes, radius, signs, hadamard_matrix(a, w.device),
+                                      hadamard_matrix(b, w.device), cos, sin, ncodes, cols, A=a, B=b,
+                                      LEVELS=levels, KMAX=cos.shape[1], num_warps=4)
+
+
+def make_codec(scheme: str, args: Hyperparameters, name: str):
+    if scheme == "int8":
+        return Int8RowCodec()
+    bits = args.polar_embed_bits if name == "tok_emb.weight" else args.polar_bits
+    return PolarRowCodec(parse_polar_bits(bits), args.polar_seed)
+
+
+def state_hash(state: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQ\x00\x01", 1
+ARTIFACT_HEADER = struct.Struct("<8sIBQ32s")  # magic, version, compressor, payload bytes, sha256(payload)
+COMPRESSORS = {"zlib": (0, lambda b: zlib.compress(b, 9), zlib.decompress),
+               "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
+
+
+def quantize_state(state: dict[str, Tensor], args: Hyperparameters) -> dict:
+    tensors, kept = {}, {}
+    for name, t in state.items():
+        t = t.detach()
+        if is_quantized_tensor(name, t):
+            tensors[name] = {"shape": list(t.shape), **make_codec(args.weight_quant_scheme, args, name).encode(t)}
+            tensors[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in tensors[name].items()}
+        elif t.is_floating_point() and not any(p in name for p in CONTROL_PATTERNS):
+            kept[name] = t.cpu().half()
+        else:
+            kept[name] = t.cpu().float() if t.is_floating_point() else t.cpu()
+    return {"tensors": tensors, "kept": kept}
+
+
+def dequantize_state(obj: dict, args: Hyperparameters) -> dict[str, Tensor]:
+    out = {name: t.float() if t.is_floating_point() else t for name, t in obj["kept"].items()}
+    for name, enc in obj["tensors"].items():
+        out[name] = make_codec(args.weight_quant_scheme, args, name).decode(enc, tuple(enc["shape"])).float()
+    return out
+
+
+def export_artifact(state: dict[str, Tensor], args: Hyperparameters, path: Path) -> dict:
+    """Encode, compress and write atomically (tmp file, then rename). The meta holds what a fresh
+    process needs to rebuild the model, and the hash of the dequantized state it must reproduce."""
+    obj = quantize_state(state, args)
+    obj["meta"] = {"model": args.model_config(), "codec": {k: getattr(args, k) for k in
+                   ("weight_quant_scheme", "polar_bits", "polar_embed_bits", "polar_seed")},
+                   "state_hash": state_hash(dequantize_state(obj, args))}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    comp_id, compress, _ = COMPRESSORS[args.compressor]
+    payload = compress(buf.getvalue())
+    header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, comp_id, len(payload), hashlib.sha256(payload).digest())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(header + payload)
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "raw_bytes": len(buf.getvalue()), "state_hash": obj["meta"]["state_hash"]}
+
+
+def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
+    blob = Path(path).read_bytes()
+    fix = "re-export it with this train_gpt.py"
+    if len(blob) < ARTIFACT_HEADER.size:
+        raise ValueError(f"artifact {path} is {len(blob)} bytes, shorter than its header: truncated; {fix}")
+    magic, version, comp_id, n, digest = ARTIFACT_HEADER.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
+        raise ValueError(f"{path} is not a parameter-golf artifact (magic {magic!r})")
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"artifact {path} has format version {version}, this code reads {ARTIFACT_VERSION}; {fix}")
+    payload = blob[ARTIFACT_HEADER.size:]
+    if len(payload) != n:
+        raise ValueError(f"artifact {path} holds {len(payload)} payload bytes, its header says {n}: truncated; {fix}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"artifact {path} fails its sha256 checksum: corrupted; {fix}")
+    decompress = next(d for i, _, d in COMPRESSORS.values() if i == comp_id)
+    obj = torch.load(io.BytesIO(decompress(payload)), map_location="cpu", weights_only=True)
+    meta = obj["meta"]
+    args = dataclasses.replace(Hyperparameters(), **meta["codec"], **meta["model"])
+    return dequantize_state(obj, args), meta
+
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype at matmul time. Under QAT, `qat_delta`
+    holds fake_quant(w) - w, refreshed once per optimizer step: w + delta is the quantized weight
+    in the forward pass and the gradient reaches w unchanged (straight-through)."""
+
+    qat_delta: Tensor | None = None
+
+    def effective_weight(self) -> Tensor:
+        return self.weight if self.qat_delta is None else self.weight + self.qat_delta
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = CastedLinear(dim, dim, bias=False)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.proj = CastedLinear(dim, dim, bias=False)
+        self.proj._zero_init = True
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        inv_freq = 1.0 / (rope_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., dim) at positions (...) -> q (..., H, hd), k and v (..., Hkv, hd), normed, rotated, gained."""
+        lead = x.shape[:-1]
+        q = F.rms_norm(self.c_q(x).reshape(*lead, self.num_heads, self.head_dim), (self.head_dim,))
+        k = F.rms_norm(self.c_k(x).reshape(*lead, self.num_kv_heads, self.head_dim), (self.head_dim,))
+        v = self.c_v(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, q.dtype)
+        cos, sin = cos[..., None, :], sin[..., None, :]
+        q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
+        return q, apply_rotary(k, cos, sin), v
+
+    def forward(self, x: Tensor) -> Tensor:
+        bsz, seqlen, dim = x.shape
+        q, k, v = self._qkv(x, torch.arange(seqlen, device=x.device))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
+
+    def decode_step(self, x: Tensor, positions: Tensor, cache: "kv.KVCache") -> Tensor:
+        q, k, v = self._qkv(x, positions)
+        cache.append(k, v, positions)
+        return self.proj(cache.attend(q).reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mlp_mult * dim, bias=False)
+        self.proj = CastedLinear(mlp_mult * dim, dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init)
+        self.mlp = MLP(dim, mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, attend) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * attend(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
+                 mlp_mult: int, tie_embeddings: bool, tied_embed_init_std: float, logit_softcap: float,
+                 rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.logit_softcap = logit_softcap
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        self.num_encoder_layers = num_layers // 2
+        self.num_decoder_layers = num_layers - self.num_encoder_layers
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), model_dim))
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init)
+                                    for _ in range(num_layers))
+        self.lm_head = None if tie_embeddings else CastedLinear(model_dim, vocab_size, bias=False)
+        self.emb_qat_delta: Tensor | None = None
+        if tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+        else:
+            self.lm_head._zero_init = True
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and getattr(m, "_zero_init", False):
+                nn.init.zeros_(m.weight)
+
+    def embedding_weight(self) -> Tensor:
+        w = self.tok_emb.weight
+        return w if self.emb_qat_delta is None else w + self.emb_qat_delta
+
+    def _trunk(self, x: Tensor, attend_fns) -> Tensor:
+        x = F.rms_norm(x, (x.size(-1),))
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder_layers and skips:
+                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            x = block(x, x0, attend_fns[i])
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def logits(self, h: Tensor) -> Tensor:
+        proj = F.linear(h, self.embedding_weight().to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        return self.logit_softcap * torch.tanh(proj.float() / self.logit_softcap)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        x = F.embedding(input_ids, self.embedding_weight())
+        return self.logits(self._trunk(x, [b.attn for b in self.blocks]))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
+        """One token per row at its absolute position, through one KV cache per layer -> logits (B, V)."""
+        x = F.embedding(tokens, self.embedding_weight())
+        fns = [lambda h, a=b.attn, c=c: a.decode_step(h, positions, c) for b, c in zip(self.blocks, caches, strict=True)]
+        return self.logits(self._trunk(x, fns))
+
+
+def build_model(config: dict, device: torch.device) -> GPT:
+    """On CUDA, the baseline's storage: bf16 embedding (so the residual stream is bf16), fp32 matrices
+    behind CastedLinear and fp32 control parameters; on CPU everything fp32."""
+    model = GPT(**config).to(device)
+    if device.type == "cuda":
+        model.bfloat16()
+        for name, p in model.named_parameters():
+            if isinstance(model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, CastedLinear) \
+                    or p.ndim < 2 or any(c in name for c in CONTROL_PATTERNS):
+                p.data = p.data.float()
+        for block in model.blocks:
+            block.attn.inv_freq = block.attn.inv_freq.float()
+    return model
+
+
+class QAT:
+    """Refreshes every quantized weight's fake-quant delta once per optimizer step (reused by all
+    micro-steps). The delta buffers exist from the start when QAT is on, so the compiled graph
+    never changes when QAT switches on mid-run."""
+
+    def __init__(self, model: GPT, args: Hyperparameters):
+        self.targets = []
+        self.active = False
+        if args.qat_scheme == "none":
+            return
+        for name, p in model.named_parameters():
+            if not is_quantized_tensor(name, p):
+                continue
+            owner = model if name == "tok_emb.weight" else model.get_submodule(name.rsplit(".", 1)[0])
+            delta = torch.zeros_like(p)
+            if name == "tok_emb.weight":
+                owner.emb_qat_delta = delta
+            else:
+                owner.qat_delta = delta
+            self.targets.append((p, delta, make_codec(args.qat_scheme, args, name)))
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.active:
+            for p, delta, codec in self.targets:
+                codec.fake_quant_(p.detach(), delta)
+
+    def reset(self) -> None:
+        for _, delta, _ in self.targets:
+            delta.zero_()
+
+
+# -----------------------------------------------------------------------------
+# Muon: momentum SGD whose matrix updates are orthogonalized by 5 Newton-Schulz steps
+# -----------------------------------------------------------------------------
+
+
+def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Each rank orthogonalizes every world_size-th matrix; one all-reduce shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, orthogonalize=newton_schulz5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = self.orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = g.reshape(-1)
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) -> tuple[list, Muon]:
+    named = list(model.blocks.named_parameters())
+    matrices = [p for n, p in named if p.ndim == 2 and not any(c in n for c in CONTROL_PATTERNS)]
+    scalars = [p for n, p in named if p.ndim < 2 or any(c in n for c in CONTROL_PATTERNS)] + [model.skip_weights]
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=device.type == "cuda")
+    token_lr = args.tied_embed_lr if model.lm_head is None else args.embed_lr
+    groups = [([model.tok_emb.weight], token_lr), (scalars, args.scalar_lr)]
+    if model.lm_head is not None:
+        groups.append(([model.lm_head.weight], args.head_lr))
+    optimizers = [torch.optim.Adam([{"params": p, "lr": lr, "base_lr": lr}], **adam) for p, lr in groups]
+    orth = torch.compile(newton_schulz5) if device.type == "cuda" else newton_schulz5
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, orth)
+    for g in muon.param_groups:
+        g["base_lr"] = args.matrix_lr
+    return optimizers + [muon], muon
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: teacher-forced over all windows, and autoregressive through a KV cache
+# -----------------------------------------------------------------------------
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def bpb(loss_sum: float, tokens: float, nbytes: float) -> tuple[float, float]:
+    loss = loss_sum / tokens
+    return loss, loss / math.log(2.0) * tokens / nbytes
+
+
+@torch.no_grad()
+def eval_teacher_forced(args: Hyperparameters, model: nn.Module, d: Dist, val_tokens: Tensor, luts: ByteLUTs,
+                        micro_batch_seqs: int) -> tuple[float, float]:
+    """Non-overlapping TRAIN_SEQ_LEN windows, split across ranks; sums in fp64, then all-reduced."""
+    seq = args.train_seq_len
+    total = (val_tokens.numel() - 1) // seq
+    lo, hi = total * d.rank // d.world_size, total * (d.rank + 1) // d.world_size
+    sums = torch.zeros(3, device=d.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for s in range(lo, hi, micro_batch_seqs):
+        e = min(s + micro_batch_seqs, hi)
+        local = val_tokens[s * seq:e * seq + 1].to(d.device)
+        x, y = local[:-1].reshape(-1, seq), local[1:].reshape(-1, seq)
+        with autocast(d.device):
+            loss = model(x, y).detach()
+        sums += torch.stack((loss.double() * y.numel(), torch.tensor(float(y.numel()), device=d.device, dtype=torch.float64),
+                             luts.count(x.reshape(-1), y.reshape(-1)).sum().double()))
+    if d.enabled:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return bpb(*sums.tolist())
+
+
+def ar_eval_rows(args: Hyperparameters, val_tokens: Tensor, batch: int) -> tuple[Tensor, int]:
+    """The token matrix the AR eval decodes, one row per cache slot-set, plus the cache capacity.
+    Windows mode: the teacher-forced windows (capacity TRAIN_SEQ_LEN), so the exact backend must
+    reproduce the teacher-forced score. Sliding mode: `batch` contiguous streams decoded through
+    a ring cache of KV_EVAL_CONTEXT_LEN entries."""
+    tokens = val_tokens if args.kv_eval_max_tokens <= 0 else val_tokens[:args.kv_eval_max_tokens + 1]
+    if args.kv_eval_context_len <= 0:
+        seq = args.train_seq_len
+        n = (tokens.numel() - 1) // seq
+        if n == 0:
+            raise ValueError(f"KV_EVAL_MAX_TOKENS={args.kv_eval_max_tokens} is shorter than one window ({seq} tokens)")
+        return tokens[:n * seq + 1].unfold(0, seq + 1, seq), seq
+    length = (tokens.numel() - 1) // batch
+    return tokens[:batch * length + 1].unfold(0, length + 1, length), args.kv_eval_context_len
+
+
+class Decoder:
+    """Decodes a (B, L+1) token matrix one column per step through one KV cache per layer. The
+    step reads the column index from a device counter, so on CUDA it is captured once in a CUDA
+    graph and replayed L times; no host sync until the end."""
+
+    def __init__(self, model: GPT, backend: str, batch: int, row_len: int, capacity: int, args: Hyperparameters,
+                 device: torch.device, dtype: torch.dtype, use_graph: bool):
+        attn = model.blocks[0].attn
+        cfg = kv.KVConfig(group_size=args.kv_group_size, qjl_dim=args.kv_qjl_dim, value_bits=args.kv_value_bits,
+                          recent_exact_tokens=args.kv_recent_exact_tokens, seed=args.kv_seed)
+        self.caches = [kv.make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
+                                        device, dtype, cfg, layer=i) for i in range(len(model.blocks))]
+        self.model, self.device, self.batch, self.dtype = model, device, batch, dtype
+        self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
+        self.row_mask = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.t = torch.zeros(1, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.graph = None
+        if use_graph and device.type == "cuda":
+            for c in self.caches:
+                c.prewarm()
+            self._capture()
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        tok = self.rows.index_select(1, self.t).squeeze(1)
+        tgt = self.rows.index_select(1, self.t + 1).squeeze(1)
+        pos = self.t.expand(self.batch)
+        with autocast(self.device):
+            logits = self.model.decode_step(tok, pos, self.caches)
+        nll = F.cross_entropy(logits.float(), tgt, reduction="none").double()
+        self.loss_sum += (nll * self.row_mask).sum()
+        self.t += 1
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._reset()
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+        self.t.zero_()
+        self.loss_sum.zero_()
+
+    def decode(self, rows: Tensor, valid: int) -> float:
+        """Returns the summed NLL (nats) of the first `valid` rows' targets."""
+        self.rows.copy_(rows)
+        self.row_mask.zero_()
+        self.row_mask[:valid] = 1.0
+        self._reset()
+        for _ in range(rows.shape[1] - 1):
+            self.graph.replay() if self.graph is not None else self._step()
+        return float(self.loss_sum.item())
+
+    def bytes_per_token(self) -> int:
+        return sum(c.bytes_per_token() for c in self.caches)
+
+
+def autoregressive_eval(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts: ByteLUTs, backend: str,
+                        device: torch.device, log, batch: int | None = None) -> dict:
+    batch = batch or args.kv_eval_batch
+    rows, capacity = ar_eval_rows(args, val_tokens, batch)
+    batch = min(batch, rows.shape[0])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    decoder = Decoder(model, backend, batch, rows.shape[1], capacity, args, device, dtype,
+                      args.kv_eval_cuda_graph and device.type == "cuda")
+    tokens = rows.shape[0] * (rows.shape[1] - 1)
+    nbytes = float(luts.count(rows[:, :-1].reshape(-1).to(device), rows[:, 1:].reshape(-1).to(device)).sum())
+    loss_sum, done, last_log = 0.0, 0, time.perf_counter()
+    cuda_sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, rows.shape[0], batch):
+        chunk = rows[s:s + batch]
+        valid = chunk.shape[0]
+        if valid < batch:
+            chunk = torch.cat((chunk, chunk[:1].expand(batch - valid, -1)))
+        loss_sum += decoder.decode(chunk, valid)
+        done += valid * (rows.shape[1] - 1)
+        if time.perf_counter() - last_log > 30 and done < tokens:
+            last_log = time.perf_counter()
+            part_bytes = float(luts.count(rows[:s + valid, :-1].reshape(-1).to(device),
+                                          rows[:s + valid, 1:].reshape(-1).to(device)).sum())
+            log(f"kv_eval_progress backend:{backend} tokens:{done}/{tokens} "
+                f"running_val_bpb:{bpb(loss_sum, done, part_bytes)[1]:.4f} tok_s:{done / (last_log - t0):.0f}")
+    cuda_sync(device)
+    seconds = time.perf_counter() - t0
+    loss, score = bpb(loss_sum, tokens, nbytes)
+    return {"backend": backend, "val_loss": loss, "val_bpb": score, "tokens": tokens, "batch": batch,
+            "tok_s": tokens / seconds, "seconds": seconds, "bytes_per_token": decoder.bytes_per_token(),
+            "peak_mem_mib": peak_mem_mib(device)}
+
+
+# -----------------------------------------------------------------------------
+# main
+# -----------------------------------------------------------------------------
+
+
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float | None) -> float:
+    """Linear warmdown over the last WARMDOWN_ITERS steps, estimated from the wallclock when capped."""
+    if args.warmdown_iters <= 0:
+        return 1.0
+    if budget_ms is None:
+        start = max(args.iterations - args.warmdown_iters, 0)
+        return max((args.iterations - step) / args.warmdown_iters, 0.0) if step >= start else 1.0
+    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining = max(budget_ms - elapsed_ms, 0.0)
+    return remaining / max(warmdown_ms, 1e-9) if remaining <= warmdown_ms else 1.0
+
+
+def training_progress(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float | None) -> float:
+    """Fraction of the run done: whichever of the step count and the wallclock budget ends it first."""
+    by_steps = step / args.iterations
+    return by_steps if budget_ms is None else max(by_steps, elapsed_ms / budget_ms)
+
+
+def main() -> None:
+    args = Hyperparameters.from_env()
+    d = init_distributed()
+    args.run_id = args.run_id or time.strftime("run_%Y%m%d_%H%M%S")
+    out = Path(args.out_dir)
+    log = RunLog(out / "logs" / f"{args.run_id}.txt" if d.master else None)
+    log.header()
+    phases: dict[str, float] = {}
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        for backend in ("cudnn", "mem_efficient", "math"):  # the baseline's choice: flash attention only
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+
+    sp = load_tokenizer(args)
+    val_tokens = load_validation_tokens(args)
+    luts = ByteLUTs.build(sp, d.device)
+    grad_accum = args.grad_accum_steps or (8 // d.world_size if 8 % d.world_size == 0 else 0)
+    if grad_accum == 0 or args.train_batch_tokens % (d.world_size * grad_accum * args.train_seq_len):
+        raise ValueError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into WORLD_SIZE={d.world_size} x "
+                         f"GRAD_ACCUM_STEPS={grad_accum or '?'} micro-batches of whole TRAIN_SEQ_LEN="
+                         f"{args.train_seq_len} sequences; set GRAD_ACCUM_STEPS")
+    local_tokens = args.train_batch_tokens // (d.world_size * grad_accum)
+
+    model = build_model(args.model_config(), d.device)
+    qat = QAT(model, args)
+    use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    ddp_model = DDP(compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                    broadcast_buffers=False) if d.enabled else compiled
+    optimizers, muon = build_optimizers(model, args, d.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} world_size:{d.world_size} "
+        f"grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile}")
+    log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} iterations:{args.iterations} "
+        f"max_wallclock_seconds:{args.max_wallclock_seconds} strict_wallclock:{args.strict_wallclock} "
+        f"qat:{args.qat_scheme} qat_start_frac:{args.qat_start_frac} export:{args.weight_quant_scheme} "
+        f"polar_bits:{args.polar_bits} polar_embed_bits:{args.polar_embed_bits} seed:{args.seed}")
+    log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_paths(args.train_files))}")
+
+    def train_step(loader: DistributedTokenLoader, scale: float) -> Tensor:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(grad_accum):
+            if d.enabled:
+                ddp_model.require_backward_grad_sync = micro == grad_accum - 1
+            x, y = loader.next_batch(local_tokens, args.train_seq_len)
+            with autocast(d.device):
+                loss = ddp_model(x, y)
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        qat.refresh()
+        mean = loss_sum / grad_accum
+        if d.enabled:
+            dist.all_reduce(mean)
+            mean /= d.world_size
+        return mean
+
+    phases["setup"] = time.perf_counter() - PROCESS_START
+    t_compile = time.perf_counter()
+    if args.warmup_steps > 0:  # prime compile/autotune, then restore the true initial state
+        model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opt_states = [copy.deepcopy(o.state_dict()) for o in optimizers]
+        qat.active = bool(qat.targets)
+        loader = DistributedTokenLoader(args.train_files, d)
+        for _ in range(args.warmup_steps):
+            train_step(loader, 1.0)
+        model.load_state_dict(model_state)
+        for o, s in zip(optimizers, opt_states, strict=True):
+            o.load_state_dict(s)
+        qat.active = False
+        qat.reset()
+        log(f"warmup_steps:{args.warmup_steps} done")
+    cuda_sync(d.device)
+    phases["compile"] = time.perf_counter() - t_compile
+
+    budget_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+    if budget_ms is not None and args.strict_wallclock:
+        budget_ms -= 1000.0 * (time.perf_counter() - PROCESS_START)
+    loader = DistributedTokenLoader(args.train_files, d)
+    val_seqs = max(1, args.val_batch_size // (d.world_size * grad_accum * args.train_seq_len))
+    train_ms, step, stop_at = 0.0, 0, None
+    cuda_sync(d.device)
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or (stop_at is not None and step >= stop_at)
+        if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            cuda_sync(d.device)
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            vl, vb = eval_teacher_forced(args, ddp_model, d, val_tokens, luts, val_seqs)
+            log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            cuda_sync(d.device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if not qat.active and qat.targets and training_progress(args, step, elapsed, budget_ms) >= args.qat_start_frac:
+            qat.active = True
+            qat.refresh()
+            log(f"qat_start step:{step} scheme:{args.qat_scheme} train_time:{elapsed:.0f}ms")
+        momentum_frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+        for g in muon.param_groups:
+            g["momentum"] = (1 - momentum_frac) * args.muon_momentum_warmup_start + momentum_frac * args.muon_momentum
+        train_loss = train_step(loader, lr_scale(args, step, elapsed, budget_ms))
+        step += 1
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_at is not None):
+            tl_value = train_loss.item()
+            if not math.isfinite(tl_value):
+                raise FloatingPointError(f"train_loss is {tl_value} at step {step}: lower MATRIX_LR/SCALAR_LR or "
+                                         f"check the data; stopping before a broken model is exported")
+            log(f"step:{step}/{args.iterations} train_loss:{tl_value:.4f} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / step:.2f}ms")
+        if stop_at is None and all_ranks_agree(budget_ms is not None and approx_ms >= budget_ms, d):
+            stop_at = step
+    phases["train"] = train_ms / 1000.0
+    tokens_per_s = step * args.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
+    if stop_at is not None and stop_at < args.iterations:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
+    log(f"train_summary steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
+        f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{peak_mem_mib(d.device):.0f}MiB")
+    pre_loss, pre_bpb = vl, vb
+
+    # Export, then every rank reloads the artifact from disk and rescores it.
+    t_export = time.perf_counter()
+    artifact = out / f"final_model.{args.weight_quant_scheme}.ptz"
+    if d.master:
+        stats = export_artifact(model.state_dict(), args, artifact)
+    if d.enabled:
+        dist.barrier()
+    phases["export"] = time.perf_counter() - t_export
+    t_reload = time.perf_counter()
+    state, meta = load_artifact(artifact)
+    model.load_state_dict(state, strict=True)
+    qat.active = False
+    qat.reset()
+    q_loss, q_bpb = eval_teacher_forced(args, ddp_model, d, val_tokens, luts, val_seqs)
+    phases["roundtrip_eval"] = time.perf_counter() - t_reload
+    scheme = args.weight_quant_scheme
+    total_bytes = artifact.stat().st_size + code_bytes()
+    if d.master:
+        log(f"Serialized model {scheme}+{args.compressor}: {stats['bytes']} bytes (torch payload before "
+            f"compression: {stats['raw_bytes']} bytes)")
+    log(f"Code size: {code_bytes()} bytes ({', '.join(p.name for p in CODE_FILES)})")
+    log(f"Total submission size {scheme}+{args.compressor}: {total_bytes} bytes")
+    if total_bytes > 16_000_000:
+        log(f"WARNING: SUBMISSION OVER LIMIT: {total_bytes} bytes > 16,000,000 by {total_bytes - 16_000_000} bytes")
+    log(f"final_{scheme}_{args.compressor}_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} "
+        f"pre_roundtrip_val_bpb:{pre_bpb:.8f} state_hash:{meta['state_hash'][:16]}")
+
+    # Rank-0-only autoregressive eval: the other ranks leave the process group first, so no
+    # collective is left waiting on rank 0 and every rank exits cleanly.
+    summary = {"run_id": args.run_id, "world_size": d.world_size, "steps": step,
+               "step_avg_ms": train_ms / max(step, 1), "tokens_per_s": tokens_per_s,
+               "peak_mem_mib": peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
+               "pre_roundtrip_val_loss": pre_loss, "roundtrip_val_bpb": q_bpb, "roundtrip_val_loss": q_loss,
+               "model_bytes": artifact.stat().st_size, "code_bytes": code_bytes(), "total_bytes": total_bytes,
+               "scheme": scheme, "qat": args.qat_scheme, "state_hash": meta["state_hash"],
+               "hparams": dataclasses.asdict(args)}
+    if d.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    if d.master:
+        t_kv = time.perf_counter()
+        backends = list(dict.fromkeys(["bf16", args.kv_quant_backend, *args.compare_backends]))
+        results = {}
+        for backend in backends:
+            r = autoregressive_eval(args, model, val_tokens, luts, backend, d.device, log)
+            r["delta_vs_exact"] = r["val_bpb"] - results["bf16"]["val_bpb"] if results else 0.0
+            results[backend] = r
+            log(f"final_kv_eval_exact backend:{backend} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} "
+                f"delta_vs_exact:{r['delta_vs_exact']:+.8f} tok_s:{r['tok_s']:.1f} batch:{r['batch']} "
+                f"tokens:{r['tokens']} bytes_per_token:{r['bytes_per_token']} peak_mem_mib:{r['peak_mem_mib']:.1f}")
+        phases["kv_eval"] = time.perf_counter() - t_kv
+        phases["total"] = time.perf_counter() - PROCESS_START
+        log("phase_times " + " ".join(f"{k}:{v:.2f}s" for k, v in phases.items()))
+        summary.update(kv_eval=results, phases=phases)
+        (out / "logs" / f"{args.run_id}.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
