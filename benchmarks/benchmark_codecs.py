@@ -25,6 +25,8 @@ SETTINGS = [("int8", None, None), ("polar", "3,3,3,3,4", "5,4,4,4,5"), ("polar",
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--artifact", type=Path, help="take the weights from this artifact (else trained-like synthetic weights)")
+    p.add_argument("--synthetic", choices=("student_t", "gaussian"), default="student_t",
+                   help="without --artifact: the distribution of the synthetic matrices")
     p.add_argument("--compressors", default="zlib,lzma")
     p.add_argument("--out", type=Path, default=Path("codec_bench.json"))
     a = p.parse_args()
@@ -32,12 +34,14 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.artifact:
         state, meta = tg.load_artifact(a.artifact)
-    else:  # heavy-tailed rows with uneven scales, like trained matrices (a fresh init is mostly zeros)
+    else:  # rows with uneven scales, like trained matrices (a fresh init is mostly zeros); the tail shape
+        # decides how far zlib squeezes int8 codes, so both a heavy-tailed and a Gaussian set are offered
         state = tg.build_model(tg.Hyperparameters().model_config(), torch.device("cpu")).state_dict()
         gen = torch.Generator().manual_seed(0)
         for k, v in state.items():
             if tg.is_quantized_tensor(k, v):
-                t = torch.distributions.StudentT(4.0).sample(v.shape) * 0.02
+                t = (torch.distributions.StudentT(4.0).sample(v.shape) if a.synthetic == "student_t"
+                     else torch.randn(v.shape, generator=gen)) * 0.02
                 state[k] = t * (torch.rand(v.shape[0], 1, generator=gen) + 0.5)
     quantized = {k: v for k, v in state.items() if tg.is_quantized_tensor(k, v)}
     n = sum(v.numel() for v in quantized.values())
