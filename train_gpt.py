@@ -1037,7 +1037,7 @@ def eval_teacher_forced(args: Hyperparameters, model: nn.Module, d: Dist, val_to
 
 
 def ar_eval_rows(args: Hyperparameters, val_tokens: Tensor, batch: int) -> tuple[Tensor, int]:
-    """The token matrix the AR eval decodes, one row per cache slot-set, plus the cache capacity.
+    """The token matrix the AR eval decodes (one row per batch slot, L+1 tokens), and the cache capacity.
     Windows mode: the teacher-forced windows (capacity TRAIN_SEQ_LEN), so the exact backend must
     reproduce the teacher-forced score. Sliding mode: `batch` contiguous streams decoded through
     a ring cache of KV_EVAL_CONTEXT_LEN entries."""
@@ -1064,7 +1064,7 @@ class Decoder:
                           recent_exact_tokens=args.kv_recent_exact_tokens, seed=args.kv_seed)
         self.caches = [kv.make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
                                         device, dtype, cfg, layer=i) for i in range(len(model.blocks))]
-        self.model, self.device, self.batch, self.dtype = model, device, batch, dtype
+        self.model, self.device, self.batch = model, device, batch
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
         self.row_mask = torch.zeros(batch, dtype=torch.float64, device=device)
         self.t = torch.zeros(1, dtype=torch.int64, device=device)

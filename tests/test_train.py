@@ -90,3 +90,12 @@ def test_model_matches_its_shape_contract():
     assert sum(p.numel() for p in model.parameters()) == 17_059_912  # the baseline's parameter count
     assert model.blocks[0].attn.q_gain.tolist() == [1.5] * 8 and model.skip_weights.shape == (4, 512)
     assert float(model.blocks[3].mlp.proj.weight.detach().abs().max()) == 0.0
+
+
+def test_two_rank_polar_qat_roundtrip_is_lossless(sample_shards, tmp_path):
+    """DDP + polar QAT from the first step + polar export: the reloaded artifact scores what training saw."""
+    out = run(tiny_env(sample_shards, tmp_path, MODEL_DIM=128, ITERATIONS=3, QAT_SCHEME="polar", QAT_START_FRAC=0,
+                       WEIGHT_QUANT_SCHEME="polar", GRAD_ACCUM_STEPS=1), nproc=2)
+    m = re.search(r"final_polar_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+) pre_roundtrip_val_bpb:(\S+)", out)
+    assert "qat_start step:0 scheme:polar" in out and m
+    assert abs(float(m.group(1)) - float(m.group(2))) < 1e-4
