@@ -54,8 +54,7 @@ def main() -> None:
 
     attn = model.blocks[0].attn
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = tg.kv.KVConfig(min(args.kv_group_size, attn.head_dim), args.kv_qjl_dim, args.kv_value_bits,
-                         args.kv_recent_exact_tokens)
+    cfg = args.kv_config(attn.head_dim)
     capacity = max(a.steps, len(sp.encode(a.prompt)) + a.generate + 1)
     caches = [tg.kv.make_kv_cache(a.backend, 1, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim, device,
                                   dtype, cfg, layer=i) for i in range(len(model.blocks))]

@@ -187,6 +187,12 @@ class Hyperparameters:
     def val_files(self) -> str:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
 
+    def kv_config(self, head_dim: int) -> "kv.KVConfig":
+        """The KV-cache quantizer settings; a group never spans more than one head."""
+        return kv.KVConfig(group_size=min(self.kv_group_size, head_dim), qjl_dim=self.kv_qjl_dim,
+                           value_bits=self.kv_value_bits, recent_exact_tokens=self.kv_recent_exact_tokens,
+                           seed=self.kv_seed)
+
     def model_config(self) -> dict:
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
                 "rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std")
@@ -1060,10 +1066,9 @@ class Decoder:
     def __init__(self, model: GPT, backend: str, batch: int, row_len: int, capacity: int, args: Hyperparameters,
                  device: torch.device, dtype: torch.dtype, use_graph: bool):
         attn = model.blocks[0].attn
-        cfg = kv.KVConfig(group_size=args.kv_group_size, qjl_dim=args.kv_qjl_dim, value_bits=args.kv_value_bits,
-                          recent_exact_tokens=args.kv_recent_exact_tokens, seed=args.kv_seed)
         self.caches = [kv.make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
-                                        device, dtype, cfg, layer=i) for i in range(len(model.blocks))]
+                                        device, dtype, args.kv_config(attn.head_dim), layer=i)
+                       for i in range(len(model.blocks))]
         self.model, self.device, self.batch = model, device, batch
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
         self.row_mask = torch.zeros(batch, dtype=torch.float64, device=device)
