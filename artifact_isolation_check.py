@@ -59,9 +59,11 @@ def main() -> None:
     caches = [tg.kv.make_kv_cache(a.backend, 1, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim, device,
                                   dtype, cfg, layer=i) for i in range(len(model.blocks))]
 
+    decoder = model.for_decode(dtype)
+
     def step(token: int, pos: int) -> torch.Tensor:
-        with torch.no_grad(), tg.autocast(device):
-            return model.decode_step(torch.tensor([token], device=device), torch.tensor([pos], device=device), caches)
+        with torch.no_grad():
+            return decoder.decode_step(torch.tensor([token], device=device), torch.tensor([pos], device=device), caches)
 
     ids = [1] + sp.encode(a.prompt)
     for pos, t in enumerate(ids):

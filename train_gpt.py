@@ -110,7 +110,7 @@ class Hyperparameters:
     kv_quant_backend: str = "int8_triton"
     kv_eval_compare_backends: str = ""
     kv_eval_max_tokens: int = 0  # 0: the whole validation split
-    kv_eval_batch: int = 64
+    kv_eval_batch: int = 512
     kv_eval_context_len: int = 0  # 0: TRAIN_SEQ_LEN windows; >0: sliding cache over one stream per row
     kv_eval_cuda_graph: bool = True
     kv_group_size: int = 32
@@ -746,6 +746,14 @@ def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
 # -----------------------------------------------------------------------------
 
 
+def softcap_logits(proj: Tensor, softcap: float) -> Tensor:
+    return softcap * torch.tanh(proj.float() / softcap)
+
+
+def relu_square_reference(x: Tensor) -> Tensor:
+    return torch.relu(x).square()
+
+
 class CastedLinear(nn.Linear):
     """fp32 master weight, cast to the activation dtype at matmul time. Under QAT, `qat_delta`
     holds fake_quant(w) - w, refreshed once per optimizer step: w + delta is the quantized weight
@@ -758,17 +766,6 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight().to(x.dtype))
-
-
-def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -784,28 +781,20 @@ class CausalSelfAttention(nn.Module):
         inv_freq = 1.0 / (rope_base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (..., dim) at positions (...) -> q (..., H, hd), k and v (..., Hkv, hd), normed, rotated, gained."""
-        lead = x.shape[:-1]
-        q = F.rms_norm(self.c_q(x).reshape(*lead, self.num_heads, self.head_dim), (self.head_dim,))
-        k = F.rms_norm(self.c_k(x).reshape(*lead, self.num_kv_heads, self.head_dim), (self.head_dim,))
-        v = self.c_v(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, q.dtype)
-        cos, sin = cos[..., None, :], sin[..., None, :]
-        q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[:, None]
-        return q, apply_rotary(k, cos, sin), v
-
     def forward(self, x: Tensor) -> Tensor:
         bsz, seqlen, dim = x.shape
-        q, k, v = self._qkv(x, torch.arange(seqlen, device=x.device))
+        q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim)
+        k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        q, k = kv.norm_rotate(q, k, torch.arange(seqlen, device=x.device), self.inv_freq, self.q_gain)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
 
     def decode_step(self, x: Tensor, positions: Tensor, cache: "kv.KVCache") -> Tensor:
-        q, k, v = self._qkv(x, positions)
-        cache.append(k, v, positions)
-        return self.proj(cache.attend(q).reshape(x.shape[0], -1))
+        """One token per row; needs `qkv_weight`, the fused Q, K, V matrix that GPT.for_decode builds."""
+        q = cache.prologue(decode_linear(x, self.qkv_weight), positions, self.inv_freq, self.q_gain)
+        return decode_linear(cache.attend(q).reshape(x.shape[0], -1), self.proj.weight)
 
 
 class MLP(nn.Module):
@@ -816,7 +805,10 @@ class MLP(nn.Module):
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        return self.proj(relu_square_reference(self.fc(x)))
+
+    def decode_step(self, x: Tensor) -> Tensor:
+        return decode_linear(decode_linear(x, self.fc.weight, relu_square_out=True), self.proj.weight)
 
 
 class Block(nn.Module):
@@ -828,10 +820,10 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, attend) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * attend(F.rms_norm(x, (x.size(-1),)))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
 
 
@@ -861,34 +853,73 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return w if self.emb_qat_delta is None else w + self.emb_qat_delta
 
-    def _trunk(self, x: Tensor, attend_fns) -> Tensor:
-        x = F.rms_norm(x, (x.size(-1),))
+    def logit_proj(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.embedding_weight().to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return softcap_logits(self.logit_proj(h), self.logit_softcap)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        x = F.rms_norm(F.embedding(input_ids, self.embedding_weight()), (self.tok_emb.embedding_dim,))
         x0, skips = x, []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, attend_fns[i])
+            x = block(x, x0)
             if i < self.num_encoder_layers:
                 skips.append(x)
-        return F.rms_norm(x, (x.size(-1),))
-
-    def logits(self, h: Tensor) -> Tensor:
-        proj = F.linear(h, self.embedding_weight().to(h.dtype)) if self.lm_head is None else self.lm_head(h)
-        return self.logit_softcap * torch.tanh(proj.float() / self.logit_softcap)
-
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        x = F.embedding(input_ids, self.embedding_weight())
-        return self.logits(self._trunk(x, [b.attn for b in self.blocks]))
+        return self.logits(F.rms_norm(x, (x.size(-1),)))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
+    @torch.no_grad()
+    def for_decode(self, dtype: torch.dtype) -> "GPT":
+        """A copy for the autoregressive eval: QAT deltas folded in, every parameter in the compute dtype
+        (no step casts a matrix; the RoPE frequencies stay fp32), and each attention's Q, K and V
+        weights fused into one matrix, so a token costs one GEMM for them."""
+        model = copy.deepcopy(self).eval()
+        for m in model.modules():
+            if isinstance(m, CastedLinear) and m.qat_delta is not None:
+                m.weight += m.qat_delta
+                m.qat_delta = None
+        if model.emb_qat_delta is not None:
+            model.tok_emb.weight += model.emb_qat_delta
+            model.emb_qat_delta = None
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        for block in model.blocks:
+            a = block.attn
+            a.qkv_weight = torch.cat((a.c_q.weight, a.c_k.weight, a.c_v.weight))
+        return model
+
+    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
+        """One token per row at its absolute position, through one KV cache per layer -> the final normed
+        hidden state (B, dim). The forward pass of forward_logits, with the residual stream between
+        sub-layers fused (residual_norm: one kernel per sub-layer on CUDA). Needs a for_decode copy."""
+        x = F.rms_norm(F.embedding(tokens, self.tok_emb.weight), (self.tok_emb.embedding_dim,))
+        x0, skips, delta, delta_scale = x, [], None, None
+        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
+            j = i - self.num_encoder_layers
+            # The first decoder layer's skip is the output of the block just before it, which this
+            # residual_norm itself completes (s below): skip_self.
+            skip_self = j == 0 and i > 0
+            skip = skips.pop() if j > 0 and skips else None
+            skip_weight = self.skip_weights[j] if skip_self or skip is not None else None
+            s, x, h = residual_norm(x, delta, delta_scale, skip, skip_weight, skip_self, x0, block.resid_mix)
+            if 0 < i < self.num_encoder_layers:
+                skips.append(s)
+            _, x, h = residual_norm(x, block.attn.decode_step(h, positions, cache), block.attn_scale)
+            delta, delta_scale = block.mlp.decode_step(h), block.mlp_scale
+        return residual_norm(x, delta, delta_scale)[2]
+
+    def decode_logit_proj(self, h: Tensor) -> Tensor:
+        return decode_linear(h, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+
     def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """One token per row at its absolute position, through one KV cache per layer -> logits (B, V)."""
-        x = F.embedding(tokens, self.embedding_weight())
-        fns = [lambda h, a=b.attn, c=c: a.decode_step(h, positions, c) for b, c in zip(self.blocks, caches, strict=True)]
-        return self.logits(self._trunk(x, fns))
+        """-> softcapped logits (B, V)."""
+        return softcap_logits(self.decode_logit_proj(self.decode_hidden(tokens, positions, caches)), self.logit_softcap)
 
 
 def build_model(config: dict, device: torch.device) -> GPT:
@@ -1005,6 +1036,167 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
 
 
 # -----------------------------------------------------------------------------
+# Decode kernels. With one token per row a decode step is bound by kernel launches, not bytes: these
+# fuse the residual stream between sub-layers and the scoring of the next token. CUDA runs the
+# kernels; the CPU (and the tests, against the kernels under TRITON_INTERPRET=1) the torch references.
+# -----------------------------------------------------------------------------
+
+
+def residual_norm_reference(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
+                            skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
+                            x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """s = x + delta_scale * delta; y = s + skip_weight * skip (skip is s itself with skip_self);
+    y = mix[0] * y + mix[1] * x0; h = rms_norm(y). Absent terms drop out. Returns (s, y, h)."""
+    s = x if delta is None else x + delta_scale.to(x.dtype) * delta
+    y = s if skip_weight is None else s + skip_weight.to(x.dtype) * (s if skip_self else skip)
+    if mix is not None:
+        m = mix.to(x.dtype)
+        y = m[0] * y + m[1] * x0
+    return s, y, F.rms_norm(y, (y.size(-1),))
+
+
+def next_token_nll_reference(proj: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    return F.cross_entropy(softcap_logits(proj, softcap), targets, reduction="none")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_f32(ptr, idx, mask):
+        return tl.load(ptr + idx, mask=mask, other=0).to(tl.float32)
+
+    @triton.jit
+    def _residual_norm_kernel(x_ptr, d_ptr, ds_ptr, skip_ptr, sw_ptr, x0_ptr, mix_ptr, s_ptr, y_ptr, h_ptr, n, eps,
+                              HAS_DELTA: tl.constexpr, SKIP: tl.constexpr, HAS_MIX: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """Program per row, fp32 in registers; SKIP: 0 none, 1 the skip tensor, 2 s itself."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        at = row * n + offs
+        s = _load_f32(x_ptr, at, mask)
+        if HAS_DELTA:
+            s = s + _load_f32(ds_ptr, offs, mask) * _load_f32(d_ptr, at, mask)
+        y = s
+        if SKIP == 1:
+            y = y + _load_f32(sw_ptr, offs, mask) * _load_f32(skip_ptr, at, mask)
+        if SKIP == 2:
+            y = y + _load_f32(sw_ptr, offs, mask) * s
+        if HAS_MIX:
+            y = _load_f32(mix_ptr, offs, mask) * y + _load_f32(mix_ptr, n + offs, mask) * _load_f32(x0_ptr, at, mask)
+        h = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps)
+        ty = s_ptr.dtype.element_ty
+        tl.store(s_ptr + at, s.to(ty), mask=mask)
+        tl.store(y_ptr + at, y.to(ty), mask=mask)
+        tl.store(h_ptr + at, h.to(ty), mask=mask)
+
+    @triton.jit
+    def _small_batch_linear_kernel(x_ptr, w_ptr, out_ptr, N, K, RELU_SQUARE: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+        """Program (block of BLOCK_N outputs, row): out = x W^T on CUDA cores, fp32 accumulation; with
+        RELU_SQUARE, relu(out)^2. At a few rows, a GEMM library's kernels spend their time in setup."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = tl.program_id(1).to(tl.int64)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * K + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
+                        other=0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if RELU_SQUARE:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
+    def _relu_square_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.maximum(tl.load(x_ptr + offs, mask=offs < n, other=0).to(tl.float32), 0.0)
+        tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=offs < n)
+
+    @triton.jit
+    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, weight_ptr, loss_ptr, V, softcap,
+                                 BLOCK_V: tl.constexpr):
+        """Program per row b at position p = pos[b]: NLL of the softcapped logits at the row's next token
+        rows[b, p + 1], times the row's weight, added to its fp64 loss; then pos[b] = p + 1."""
+        b = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + b)
+        target = tl.load(rows_ptr + b * row_len + tl.maximum(pos, 0) + 1)  # inactive rows (p < 0) weigh 0
+        offs = tl.arange(0, BLOCK_V)
+        z = tl.load(proj_ptr + b * V + offs, mask=offs < V, other=0).to(tl.float32) / softcap
+        logit = tl.where(offs < V, softcap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)), float("-inf"))  # softcap*tanh(z)
+        top = tl.max(logit, axis=0)
+        lse = top + tl.log(tl.sum(tl.exp(logit - top), axis=0))
+        nll = lse - tl.sum(tl.where(offs == target, logit, 0.0), axis=0)
+        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + nll.to(tl.float64) * tl.load(weight_ptr + b))
+        tl.store(pos_ptr + b, pos + 1)
+
+
+def residual_norm_triton(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
+                         skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
+                         x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[-1]
+    s, y, h = (torch.empty_like(x) for _ in range(3))
+    _residual_norm_kernel[(x.numel() // n,)](
+        x, x if delta is None else delta, x if delta_scale is None else delta_scale, x if skip is None else skip,
+        x if skip_weight is None else skip_weight, x if x0 is None else x0, x if mix is None else mix, s, y, h, n,
+        torch.finfo(torch.float32).eps, HAS_DELTA=delta is not None,
+        SKIP=2 if skip_self else int(skip is not None), HAS_MIX=mix is not None, BLOCK=triton.next_power_of_2(n))
+    return s, y, h
+
+
+def small_batch_linear_triton(x: Tensor, w: Tensor, relu_square: bool = False) -> Tensor:
+    n, k = w.shape
+    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    _small_batch_linear_kernel[(triton.cdiv(n, 4), x.numel() // k)](x.contiguous(), w, out, n, k, RELU_SQUARE=relu_square,
+                                                                     BLOCK_N=4, BLOCK_K=512, num_warps=4)
+    return out
+
+
+def relu_square_triton(x: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    _relu_square_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
+
+
+def use_decode_kernels(device: torch.device) -> bool:
+    return device.type == "cuda" and triton is not None
+
+
+def residual_norm(x: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    return (residual_norm_triton if use_decode_kernels(x.device) else residual_norm_reference)(x, *args, **kwargs)
+
+
+def relu_square(x: Tensor) -> Tensor:
+    return (relu_square_triton if use_decode_kernels(x.device) else relu_square_reference)(x)
+
+
+SMALL_BATCH_ROWS = 4  # up to this many rows, decode_linear runs the small-batch kernel
+
+
+def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor:
+    """x W^T (then relu^2) for a decode step: the small-batch kernel at a few rows, else the GEMM library."""
+    if use_decode_kernels(x.device) and x.numel() // x.shape[-1] <= SMALL_BATCH_ROWS:
+        return small_batch_linear_triton(x, w, relu_square_out)
+    y = F.linear(x, w)
+    return relu_square(y) if relu_square_out else y
+
+
+def score_next_token(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor, softcap: float,
+                     use_kernel: bool) -> None:
+    """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
+    then every position advances by one."""
+    if use_kernel:
+        _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
+                                                   softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
+    else:
+        targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
+        loss += next_token_nll_reference(proj, targets, softcap).double() * weight
+        positions += 1
+
+
+# -----------------------------------------------------------------------------
 # Evaluation: teacher-forced over all windows, and autoregressive through a KV cache
 # -----------------------------------------------------------------------------
 
@@ -1059,9 +1251,12 @@ def ar_eval_rows(args: Hyperparameters, val_tokens: Tensor, batch: int) -> tuple
 
 
 class Decoder:
-    """Decodes a (B, L+1) token matrix one column per step through one KV cache per layer. The
-    step reads the column index from a device counter, so on CUDA it is captured once in a CUDA
-    graph and replayed L times; no host sync until the end."""
+    """Decodes a (B, L+1) token matrix one column per step through one KV cache per layer, with the
+    model's for_decode copy. Every row's position lives on the device (rows past the valid ones sit at
+    a negative position: inactive, never written to a cache), so on CUDA the step is captured once in
+    a CUDA graph and replayed L times; no host sync until the end."""
+
+    INACTIVE = -(1 << 62)
 
     def __init__(self, model: GPT, backend: str, batch: int, row_len: int, capacity: int, args: Hyperparameters,
                  device: torch.device, dtype: torch.dtype, use_graph: bool):
@@ -1069,11 +1264,12 @@ class Decoder:
         self.caches = [kv.make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
                                         device, dtype, args.kv_config(attn.head_dim), layer=i)
                        for i in range(len(model.blocks))]
-        self.model, self.device, self.batch = model, device, batch
+        self.model, self.device, self.batch = model.for_decode(dtype), device, batch
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
-        self.row_mask = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.t = torch.zeros(1, dtype=torch.int64, device=device)
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.row_weight = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.use_kernels = use_decode_kernels(device)
         self.graph = None
         if use_graph and device.type == "cuda":
             for c in self.caches:
@@ -1082,42 +1278,38 @@ class Decoder:
 
     @torch.no_grad()
     def _step(self) -> None:
-        tok = self.rows.index_select(1, self.t).squeeze(1)
-        tgt = self.rows.index_select(1, self.t + 1).squeeze(1)
-        pos = self.t.expand(self.batch)
-        with autocast(self.device):
-            logits = self.model.decode_step(tok, pos, self.caches)
-        nll = F.cross_entropy(logits.float(), tgt, reduction="none").double()
-        self.loss_sum += (nll * self.row_mask).sum()
-        self.t += 1
+        t = self.positions[:1]  # row 0 is always live
+        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
+        score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.row_weight, self.row_loss,
+                         self.model.logit_softcap, self.use_kernels)
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._reset()
+                self._reset(self.batch)
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
 
-    def _reset(self) -> None:
+    def _reset(self, valid: int) -> None:
         for c in self.caches:
             c.reset()
-        self.t.zero_()
-        self.loss_sum.zero_()
+        live = torch.arange(self.batch, device=self.device) < valid
+        self.positions.copy_(torch.where(live, 0, self.INACTIVE))
+        self.row_weight.copy_(live.double())
+        self.row_loss.zero_()
 
     def decode(self, rows: Tensor, valid: int) -> float:
         """Returns the summed NLL (nats) of the first `valid` rows' targets."""
-        self.rows.copy_(rows)
-        self.row_mask.zero_()
-        self.row_mask[:valid] = 1.0
-        self._reset()
+        self.rows[:valid].copy_(rows)
+        self._reset(valid)
         for _ in range(rows.shape[1] - 1):
             self.graph.replay() if self.graph is not None else self._step()
-        return float(self.loss_sum.item())
+        return float(self.row_loss.sum().item())
 
     def bytes_per_token(self) -> int:
         return sum(c.bytes_per_token() for c in self.caches)
@@ -1141,8 +1333,6 @@ def autoregressive_eval(args: Hyperparameters, model: GPT, val_tokens: Tensor, l
     for s in range(0, rows.shape[0], batch):
         chunk = rows[s:s + batch]
         valid = chunk.shape[0]
-        if valid < batch:
-            chunk = torch.cat((chunk, chunk[:1].expand(batch - valid, -1)))
         loss_sum += decoder.decode(chunk, valid)
         done += valid * (rows.shape[1] - 1)
         if time.perf_counter() - last_log > 30 and done < tokens:

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-SETTINGS = [("int8", None, None), ("polar", "3,3,3,3,4", "5,4,4,4,5"), ("polar", "4,3,3,3,4", "5,4,4,4,5"),
+SETTINGS = [("int8", None, None), ("polar", "2,2,2,2,2", "4,3,3,3,4"), ("polar", "3,2,2,2,3", "5,4,4,4,5"),
+            ("polar", "3,3,3,3,4", "5,4,4,4,5"), ("polar", "4,3,3,3,4", "5,4,4,4,5"),
             ("polar", "4,4,3,4,5,6", "5,4,4,4,5"), ("polar", "5,4,4,4,5", "5,4,4,4,5"), ("polar", "6,5,5,5,6", "6,5,5,5,6")]
 
 

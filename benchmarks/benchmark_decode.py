@@ -1,7 +1,8 @@
 """Autoregressive decode throughput of a trained artifact per KV backend and batch size
 (validation windows tiled to fill the largest batch), through the same driver as the final eval.
+Without an artifact: a randomly initialized challenge-size model (throughput only; its bpb means nothing).
 
-    python benchmarks/benchmark_decode.py final_model.polar.ptz --data-path DIR --batches 1,64,256,512
+    python benchmarks/benchmark_decode.py --artifact final_model.polar.ptz --data-path DIR --batches 1,64,256,512
 """
 
 from __future__ import annotations
@@ -18,34 +19,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
+def profile(args, model, val, backend: str, device) -> None:
+    rows, capacity = tg.ar_eval_rows(args, val, 1)
+    decoder = tg.Decoder(model, backend, 1, rows.shape[1], capacity, args, device, torch.bfloat16, use_graph=True)
+    decoder.rows.copy_(rows[:1])
+    decoder._reset(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(64):
+            decoder.graph.replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("artifact", type=Path)
+    p.add_argument("--artifact", type=Path)
     p.add_argument("--data-path", required=True)
     p.add_argument("--tokenizer", default="data/tokenizers/fineweb_1024_bpe.model")
     p.add_argument("--backends", default="bf16,int8_triton,qjl_triton")
     p.add_argument("--batches", default="1,64,256,512")
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
+    p.add_argument("--profile", action="store_true", help="instead: per-kernel CUDA times of 64 batch-1 graph "
+                   "replays of the first backend (torch.profiler)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
     a = p.parse_args()
     device = torch.device("cuda")
-    state, meta = tg.load_artifact(a.artifact)
-    model = tg.build_model(meta["model"], device)
-    model.load_state_dict(state)
+    if a.artifact:
+        state, meta = tg.load_artifact(a.artifact)
+        config = meta["model"]
+    else:
+        torch.manual_seed(0)
+        config = tg.Hyperparameters().model_config()
+    model = tg.build_model(config, device)
+    if a.artifact:
+        model.load_state_dict(state)
+    else:
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(torch.randn_like(w) * 0.02)
     model.eval()
-    args = dataclasses.replace(tg.Hyperparameters(), **meta["model"], data_path=a.data_path, tokenizer_path=a.tokenizer)
+    args = dataclasses.replace(tg.Hyperparameters(), **config, data_path=a.data_path, tokenizer_path=a.tokenizer)
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
-    rows = []
+    if a.profile:
+        return profile(args, model, val, a.backends.split(",")[0], device)
+    rows, teacher_forced = [], {}
     for backend in a.backends.split(","):
         for batch in map(int, a.batches.split(",")):
             windows = a.batch1_windows if batch == 1 else batch
             reps = -(-windows * args.train_seq_len // (val.numel() - 1)) + 1
             tokens = val[:-1].repeat(reps)[:windows * args.train_seq_len + 1]
+            if windows not in teacher_forced:  # the same windows scored in one forward pass: the exact reference
+                with torch.no_grad():
+                    teacher_forced[windows] = tg.eval_teacher_forced(args, model, tg.Dist(device=device), tokens, luts, 64)[1]
             r = tg.autoregressive_eval(args, model, tokens, luts, backend, device, print, batch=batch)
+            r["teacher_forced_val_bpb"] = teacher_forced[windows]
             rows.append(r)
-            print(f"{backend:<12} batch {batch:>4}: {r['tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.4f}  "
-                  f"peak {r['peak_mem_mib']:.0f} MiB  bytes/token {r['bytes_per_token']}")
+            print(f"{backend:<12} batch {batch:>4}: {r['tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
+                  f"(teacher-forced {teacher_forced[windows]:.6f})  peak {r['peak_mem_mib']:.0f} MiB  "
+                  f"bytes/token {r['bytes_per_token']}")
     a.out.write_text(json.dumps(rows, indent=2))
 
 

@@ -1,14 +1,19 @@
 """Per KV backend: us per attend, achieved GB/s (bytes the cache must read) against the measured
 copy bandwidth, bytes per token, peak CUDA memory over baseline, speedup over the torch reference.
+--sweep instead times the Triton backends' launch settings (block, warps, stages, programs per SM)
+per shape, each checked against its torch reference, and prints the fastest.
 
     python benchmarks/benchmark_kv_backends.py --out kv_bench.json
+    python benchmarks/benchmark_kv_backends.py --sweep --shapes 1024x1,16384x64,1024x512
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,22 +29,79 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / ms / 1e6  # GB/s, bytes read + written
 
 
-def bench(fn, reps=50) -> float:
-    """Median ms of fn over reps, timed by CUDA graph replay so launch gaps do not dominate."""
+def bench(fn, reps=20, inner=25) -> float:
+    """ms per call of fn, captured in a CUDA graph (launch gaps do not dominate): the median over `reps`
+    timings of `inner` back-to-back replays, after ~50 ms of warm-up so the clocks are up."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.05:
+        g.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        for _ in range(inner):
+            g.replay()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return sorted(times)[len(times) // 2]
+
+
+def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVCache:
+    """A full cache of random codes and scales: never time on zeros."""
+    cache = kv.make_kv_cache(name, batch, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda", torch.bfloat16, cfg)
+    for buf in cache.buffers.values():
+        buf.copy_(torch.randint(-100, 100, buf.shape, device="cuda").to(buf.dtype) if not buf.is_floating_point()
+                  else torch.rand(buf.shape, device="cuda").to(buf.dtype) * 0.01 + 0.001)
+    cache.lengths.fill_(ctx)
+    return cache
+
+
+# block_n, num_warps, num_stages, programs per SM
+GRIDS = {"int8_triton": ((32, 64, 128, 256), (2, 4), (2, 3), (2, 4, 8)),
+         "qjl_triton": ((16, 32, 64), (2, 4, 8), (1, 2), (4, 8))}
+
+
+def sweep(a, cfg: kv.KVConfig) -> None:
+    rows = []
+    for name in ("int8_triton", "qjl_triton"):
+        for ctx, b in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
+            cache = random_cache(name, b, ctx, a, cfg)
+            ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda",
+                                   torch.bfloat16, cfg)
+            for key, buf in cache.buffers.items():
+                ref.buffers[key].copy_(buf)
+            ref.lengths.copy_(cache.lengths)
+            q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+            want = ref.attend(q).float()
+            moved = b * ctx * cache.bytes_per_token()
+            default = cache.launch_settings()
+            grid = GRIDS[name]
+            for settings in itertools.product(*grid):
+                cache.settings = settings
+                cache.__dict__.pop("splits", None)  # re-plan the splits for these settings
+                try:
+                    got = cache.attend(q).float()
+                    us = bench(lambda c=cache, x=q: c.attend(x), reps=5, inner=10) * 1000
+                except Exception as e:  # a setting the compiler refuses (shared memory, registers) is reported
+                    print(f"{name} ctx {ctx} B {b} {settings}: {type(e).__name__}")
+                    continue
+                rows.append({"backend": name, "context": ctx, "batch": b, "settings": settings, "splits": cache.splits,
+                             "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
+            best = sorted((r for r in rows if r["backend"] == name and r["context"] == ctx and r["batch"] == b),
+                          key=lambda r: r["us"])
+            print(f"{name} ctx {ctx} B {b}: fastest of {len(best)} (block_n/warps/stages/programs per SM -> splits)")
+            for r in best[:5] + [r for r in best if r["settings"] == default]:
+                tag = "default" if r["settings"] == default else ""
+                print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "
+                      f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
+    a.out.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
@@ -50,11 +112,15 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--q-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--sweep", action="store_true", help="time the Triton launch settings instead")
+    p.add_argument("--shapes", default="1024x1,16384x64,1024x512", help="--sweep: context x batch")
     p.add_argument("--out", type=Path, default=Path("kv_bench.json"))
     a = p.parse_args()
+    cfg = kv.KVConfig(group_size=32, qjl_dim=256, value_bits=4)
+    if a.sweep:
+        return sweep(a, cfg)
     bw = copy_bandwidth()
     print(f"measured copy bandwidth: {bw:.0f} GB/s")
-    cfg = kv.KVConfig(group_size=32, qjl_dim=256, value_bits=4)
     rows = []
     for ctx in map(int, a.contexts.split(",")):
         for b in map(int, a.batches.split(",")):
@@ -62,11 +128,7 @@ def main() -> None:
             for name in a.backends.split(","):
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
-                cache = kv.make_kv_cache(name, b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda", torch.bfloat16, cfg)
-                for buf in cache.buffers.values():  # random codes: never time on zeros
-                    buf.copy_(torch.randint(-100, 100, buf.shape, device="cuda").to(buf.dtype) if not buf.is_floating_point()
-                              else torch.rand(buf.shape, device="cuda").to(buf.dtype) * 0.01 + 0.001)
-                cache.lengths.fill_(ctx)
+                cache = random_cache(name, b, ctx, a, cfg)
                 q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
                 cache.prewarm()
                 cache.lengths.fill_(ctx)

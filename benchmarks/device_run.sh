@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call: build shards from local real text, then run the named stages, logs under $OUT.
 #   STAGES="kv baseline int8" bash benchmarks/device_run.sh
-# Stages: kv (KV backend benchmark), baseline (the public baseline script, if .device/baseline_train_gpt.py
+# Stages: sweep (Triton launch settings per shape), kv (KV backend benchmark), baseline (the public baseline script, if .device/baseline_train_gpt.py
 # exists), int8 | int8qat | polar (our trainer, same data and wallclock), big (polar, larger model),
-# codecs (bytes per scheme from the int8 run's weights), decode (AR throughput), isolation.
+# codecs (bytes per scheme from the polar QAT run's weights), decode (AR throughput), isolation.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
@@ -28,6 +28,8 @@ train() {  # name, then env assignments
 }
 for stage in ${STAGES:-kv baseline int8}; do
   case $stage in
+    sweep) timeout 300 python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} --out /tmp/runs/kv_sweep.json 2>&1 \
+             | grep -v Warning | tail -60 | tee -a "$OUT/summary.txt" ;;
     kv) timeout 240 python3 benchmarks/benchmark_kv_backends.py --out /tmp/runs/kv_bench.json 2>&1 | tail -45 | tee -a "$OUT/summary.txt" ;;
     baseline)
       mkdir -p /tmp/runs/baseline && cp .device/baseline_train_gpt.py /tmp/runs/baseline/train_gpt.py
@@ -39,9 +41,11 @@ for stage in ${STAGES:-kv baseline int8}; do
     int8qat) train int8qat QAT_SCHEME=int8 KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
     polar) train polar QAT_SCHEME=polar WEIGHT_QUANT_SCHEME=polar KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
     big) train big QAT_SCHEME=polar WEIGHT_QUANT_SCHEME=polar NUM_LAYERS=${BIG_LAYERS:-16} KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
-    codecs) timeout 200 python3 benchmarks/benchmark_codecs.py --artifact /tmp/runs/int8/final_model.int8.ptz \
+    codecs) timeout 200 python3 benchmarks/benchmark_codecs.py --artifact ${CODEC_ART:-/tmp/runs/polar/final_model.polar.ptz} \
               --compressors zlib --out /tmp/runs/codec_bench.json 2>&1 | tail -20 | tee -a "$OUT/summary.txt" ;;
-    decode) timeout 300 python3 benchmarks/benchmark_decode.py ${ART:-/tmp/runs/int8/final_model.int8.ptz} --data-path $DATA \
+    decode)
+      art=${ART:-/tmp/runs/int8/final_model.int8.ptz}; [ -f "$art" ] || art=""  # none: a random model, throughput only
+      timeout 300 python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path $DATA \
               --out /tmp/runs/decode_bench.json 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt" ;;
     isolation) (cd /tmp && timeout 120 python3 $ROOT/artifact_isolation_check.py ${ART:-/tmp/runs/int8/final_model.int8.ptz} \
               --data-path $DATA --tokenizer $ROOT/data/tokenizers/fineweb_1024_bpe.model --steps 1024 \

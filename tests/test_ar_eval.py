@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import ROOT, TOKENIZER
@@ -47,9 +48,10 @@ def test_sliding_cache_keeps_relative_positions(backend):
     tokens = torch.randint(0, 1024, (2, steps))
     cfg = tg.kv.KVConfig(group_size=16)
     caches = [tg.kv.make_kv_cache(backend, 2, 2, 4, context, 16, "cpu", torch.float32, cfg) for _ in model.blocks]
+    decoder = model.for_decode(torch.float32)
     with torch.no_grad():
         for t in range(steps):
-            logits = model.decode_step(tokens[:, t], torch.full((2,), t), caches)
+            logits = decoder.decode_step(tokens[:, t], torch.full((2,), t), caches)
         fresh = model.forward_logits(tokens[:, steps - context:])[:, -1]
     assert caches[0].lengths.tolist() == [context, context]
     tol = 1e-4 if backend == "bf16" else 0.15
@@ -69,3 +71,73 @@ def test_isolation_check_on_a_tiny_cpu_model(sample_shards, tmp_path):
     r = json.loads(report.read_text())
     assert r["state_hash"] == stats["state_hash"] and r["val_tokens"] == 512 and r["val_bpb"] > 0
     assert isinstance(r["continuation"], str) and r["profile_steps"] == 24 and r["cache_tensor_bytes"] > 0
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5])
+def test_decode_matches_the_full_forward_at_every_position(layers):
+    """decode_hidden's fused residual stream (the U-Net skips included) against forward_logits."""
+    args, model = tiny_model(3, layers)
+    tokens = torch.randint(0, 1024, (2, 12))
+    caches = [tg.kv.make_kv_cache("bf16", 2, 2, 4, 16, 16, "cpu", torch.float32) for _ in model.blocks]
+    decoder = model.for_decode(torch.float32)
+    with torch.no_grad():
+        stepped = torch.stack([decoder.decode_step(tokens[:, t], torch.full((2,), t), caches) for t in range(12)], 1)
+        torch.testing.assert_close(stepped, model.forward_logits(tokens), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip_self, has_skip, has_mix, has_delta", [(False, False, True, False), (True, False, True, True),
+                                                                     (False, True, True, True), (False, False, False, True)])
+def test_residual_norm_kernel_matches_reference(skip_self, has_skip, has_mix, has_delta):
+    torch.manual_seed(0)
+    b, n = 3, 96  # n not a power of two: masked lanes
+    x, delta, skip, x0 = (torch.randn(b, n) for _ in range(4))
+    kwargs = dict(delta=delta if has_delta else None, delta_scale=torch.rand(n) if has_delta else None,
+                  skip=skip if has_skip else None, skip_weight=torch.rand(n) if has_skip or skip_self else None,
+                  skip_self=skip_self, x0=x0 if has_mix else None, mix=torch.rand(2, n) if has_mix else None)
+    for got, want in zip(tg.residual_norm_triton(x, **kwargs), tg.residual_norm_reference(x, **kwargs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, n, k, relu_square", [(1, 96, 64, False), (3, 10, 1100, True)])
+def test_small_batch_linear_kernel_matches_reference(rows, n, k, relu_square):
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, k), torch.randn(n, k) / 30
+    want = F.linear(x, w)
+    want = tg.relu_square_reference(want) if relu_square else want
+    torch.testing.assert_close(tg.small_batch_linear_triton(x, w, relu_square), want, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_square_kernel_matches_reference():
+    x = torch.randn(3, 1500)  # not a multiple of the block
+    torch.testing.assert_close(tg.relu_square_triton(x), tg.relu_square_reference(x))
+
+
+def test_score_next_token_kernel_matches_reference():
+    torch.manual_seed(0)
+    rows = torch.randint(0, 1000, (4, 9))
+    proj, weight = torch.randn(4, 1000) * 40, torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    positions = {name: torch.tensor([5, 5, -(1 << 62), 7]) for name in ("kernel", "torch")}
+    loss = {name: torch.full((4,), 2.0, dtype=torch.float64) for name in positions}
+    for name in positions:
+        tg.score_next_token(proj, rows, positions[name], weight, loss[name], 30.0, use_kernel=name == "kernel")
+    torch.testing.assert_close(loss["kernel"], loss["torch"], rtol=1e-5, atol=1e-5)
+    assert loss["kernel"][2] == 2.0  # an inactive row adds nothing
+    assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8]
+
+
+def test_fused_decoder_matches_the_torch_path(sample_shards, monkeypatch):
+    """The whole fused step (residual / scoring kernels, int8_triton prologue + attention, under the
+    interpreter) scores the same as the torch references, padded rows included. (The small-batch linear
+    kernel has its own test: under the interpreter it would take minutes here.)"""
+    import sentencepiece as spm
+
+    args, model = tiny_model(4, layers=2)
+    args.data_path, args.val_max_tokens, args.kv_eval_batch = str(sample_shards), 48 * 3, 4
+    val = tg.load_validation_tokens(args)
+    luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
+    torch_path = tg.autoregressive_eval(args, model, val, luts, "int8", torch.device("cpu"), print)
+    monkeypatch.setattr(tg, "use_decode_kernels", lambda device: True)
+    monkeypatch.setattr(tg, "SMALL_BATCH_ROWS", 0)
+    fused = tg.autoregressive_eval(args, model, val, luts, "int8_triton", torch.device("cpu"), print)
+    assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 2e-3 and fused["tokens"] == torch_path["tokens"] == 144
+

@@ -3,13 +3,19 @@
 Every backend holds static buffers (B, KV heads, capacity, ...) and on-device lengths, so a decode
 step can be captured in a CUDA graph:
     reset()                      forget every entry (lengths <- 0)
-    append(k, v, positions)      quantize-on-write the new token of each row at slot position % capacity
+    append(k, v, positions)      quantize-on-write the new token of each row at slot position % capacity;
+                                 a row whose position is negative is inactive: nothing written, length kept
+    prologue(qkv, positions, inv_freq, q_gain) -> q
+                                 the decode step's attention prologue: split a fused QKV projection,
+                                 RMS-norm q and k, rotate them at their positions, scale q by its gain,
+                                 append k and v; the Triton backends do all of it in one kernel
     attend(q) -> out             all query heads of each KV head at once (GQA, no repeated K/V)
     bytes_per_token()            logical packed bytes of one token's K and V (all KV heads, one layer)
     tensor_bytes()               bytes the buffers hold
 Keys are cached after RoPE at their absolute position, so a ring buffer that evicts old entries
-keeps relative positions true. The Triton kernels follow flash decoding: stage 1 splits the
-filled length across programs (online softmax, partial output + log-sum-exp), stage 2 merges.
+keeps relative positions true. The Triton attention follows flash decoding in one launch: the
+filled length is split across programs (online softmax, partial output + log-sum-exp), and the
+last split of each (row, KV head) to finish merges the parts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -75,9 +82,47 @@ def unpack_signs(p: Tensor) -> Tensor:
     return bits.reshape(*p.shape[:-1], -1).float() * 2 - 1
 
 
+def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
+    """buf[b, :, slots[b]] = value[b] for each active row b; an inactive row keeps the entry (no host sync)."""
+    rows = torch.arange(buf.shape[0], device=buf.device)
+    keep = active.view(-1, *([1] * (value.dim() - 1)))
+    buf[rows, :, slots] = torch.where(keep, value.to(buf.dtype), buf[rows, :, slots])
+
+
 def qjl_sketch(head_dim: int, m: int, seed: int, device) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, head_dim, generator=gen).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Attention prologue (torch): the model's training forward and the decode reference share it
+# -----------------------------------------------------------------------------
+
+
+def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def norm_rotate(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, q_gain: Tensor) -> tuple[Tensor, Tensor]:
+    """q (..., H, D) and k (..., Hkv, D) at positions (...): RMS-normed per head, rotated, q scaled by its gain."""
+    q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+    cos, sin = rotary_cos_sin(positions, inv_freq, q.dtype)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return apply_rotary(q, cos, sin) * q_gain.to(q.dtype)[:, None], apply_rotary(k, cos, sin)
+
+
+def split_qkv(qkv: Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = qkv.split((num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
+    lead = qkv.shape[:-1]
+    return (q.reshape(*lead, num_q_heads, head_dim), k.reshape(*lead, num_kv_heads, head_dim),
+            v.reshape(*lead, num_kv_heads, head_dim))
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +141,6 @@ class KVCache:
         self.device, self.dtype, self.cfg, self.layer = torch.device(device), dtype, cfg, layer
         self.sm_scale = head_dim ** -0.5
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.rows = torch.arange(batch, device=device)
         self.buffers: dict[str, Tensor] = {}
         self.allocate()
 
@@ -110,12 +154,19 @@ class KVCache:
         self.lengths.zero_()
 
     def append(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
-        slots = positions % self.capacity
-        self.write(k, v, slots)
-        self.lengths.copy_(torch.clamp(positions + 1, max=self.capacity))
+        active = positions >= 0
+        self.write(k, v, positions.clamp_min(0) % self.capacity, active)
+        self.lengths.copy_(torch.where(active, torch.clamp(positions + 1, max=self.capacity), self.lengths))
 
-    def store(self, name: str, slots: Tensor, value: Tensor) -> None:
-        self.buffers[name][self.rows, :, slots] = value
+    def store(self, name: str, slots: Tensor, active: Tensor, value: Tensor) -> None:
+        put_rows(self.buffers[name], slots, active, value)
+
+    def prologue(self, qkv: Tensor, positions: Tensor, inv_freq: Tensor, q_gain: Tensor) -> Tensor:
+        """qkv (B, (Hq + 2 Hkv) D) of one token per row -> q (B, Hq, D); k and v appended."""
+        q, k, v = split_qkv(qkv, self.q_heads, self.heads, self.head_dim)
+        q, k = norm_rotate(q, k, positions, inv_freq, q_gain)
+        self.append(k, v, positions)
+        return q
 
     def attend(self, q: Tensor) -> Tensor:
         b, g = self.batch, self.q_heads // self.heads
@@ -131,15 +182,20 @@ class KVCache:
 
     def prewarm(self) -> None:
         """Compiles every kernel this backend launches, then forgets the dummy entry."""
-        z = torch.randn(self.batch, self.heads, self.head_dim, device=self.device, dtype=self.dtype)
-        self.append(z, z, torch.zeros(self.batch, dtype=torch.int64, device=self.device))
-        self.attend(torch.randn(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype))
+        def randn(*shape, dtype=self.dtype):
+            return torch.randn(*shape, device=self.device, dtype=dtype)
+
+        positions = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
+        self.append(randn(self.batch, self.heads, self.head_dim), randn(self.batch, self.heads, self.head_dim), positions)
+        qkv = randn(self.batch, (self.q_heads + 2 * self.heads) * self.head_dim)
+        q = self.prologue(qkv, positions, randn(self.head_dim // 2, dtype=torch.float32), randn(self.q_heads))
+        self.attend(q)
         self.reset()
 
     def allocate(self) -> None:
         raise NotImplementedError
 
-    def write(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    def write(self, k: Tensor, v: Tensor, slots: Tensor, active: Tensor) -> None:
         raise NotImplementedError
 
     def scores(self, q: Tensor) -> Tensor:
@@ -161,9 +217,9 @@ class ExactCache(KVCache):
         self.buffer("k", self.head_dim, dtype=self.dtype)
         self.buffer("v", self.head_dim, dtype=self.dtype)
 
-    def write(self, k, v, slots):
-        self.store("k", slots, k.to(self.dtype))
-        self.store("v", slots, v.to(self.dtype))
+    def write(self, k, v, slots, active):
+        self.store("k", slots, active, k)
+        self.store("v", slots, active, v)
 
     def scores(self, q):
         return torch.einsum("bhgd,bhnd->bhgn", q, self.k.float())
@@ -185,11 +241,11 @@ class Int8Cache(KVCache):
         self.buffer("v_q", self.head_dim, dtype=torch.int8)
         self.buffer("v_s", g, dtype=torch.float16)
 
-    def write(self, k, v, slots):
+    def write(self, k, v, slots, active):
         for name, x in (("k", k), ("v", v)):
             q, s = group_quantize(x, self.cfg.group_size, 8)
-            self.store(f"{name}_q", slots, q)
-            self.store(f"{name}_s", slots, s)
+            self.store(f"{name}_q", slots, active, q)
+            self.store(f"{name}_s", slots, active, s)
 
     def scores(self, q):
         return torch.einsum("bhgd,bhnd->bhgn", q, group_dequantize(self.k_q, self.k_s, self.cfg.group_size))
@@ -216,13 +272,13 @@ class QJLCache(KVCache):
         self.buffer("v_q", width, dtype=torch.int8 if self.cfg.value_bits == 8 else torch.uint8)
         self.buffer("v_s", g, dtype=torch.float16)
 
-    def write(self, k, v, slots):
+    def write(self, k, v, slots, active):
         kf = k.float()
-        self.store("k_bits", slots, pack_signs(kf @ self.sketch.T))
-        self.store("k_norm", slots, kf.norm(dim=-1).half())
+        self.store("k_bits", slots, active, pack_signs(kf @ self.sketch.T))
+        self.store("k_norm", slots, active, kf.norm(dim=-1).half())
         q, s = group_quantize(v, self.cfg.group_size, self.cfg.value_bits)
-        self.store("v_q", slots, q if self.cfg.value_bits == 8 else pack_nibbles(q))
-        self.store("v_s", slots, s)
+        self.store("v_q", slots, active, q if self.cfg.value_bits == 8 else pack_nibbles(q))
+        self.store("v_s", slots, active, s)
 
     def scores(self, q):
         sq = q @ self.sketch.T
@@ -251,9 +307,10 @@ class QJLRecentKCache(QJLCache):
 
     def append(self, k, v, positions):
         super().append(k, v, positions)
-        self.k_recent[self.rows, :, positions % self.cfg.recent_exact_tokens] = k.to(self.dtype)
-        self.slot_pos[self.rows, positions % self.capacity] = positions
-        self.newest.copy_(positions)
+        active, pos = positions >= 0, positions.clamp_min(0)
+        put_rows(self.k_recent, pos % self.cfg.recent_exact_tokens, active, k)
+        put_rows(self.slot_pos[:, None], pos % self.capacity, active, pos[:, None])
+        self.newest.copy_(torch.where(active, pos, self.newest))
 
     def scores(self, q):
         r = self.cfg.recent_exact_tokens
@@ -282,83 +339,139 @@ if triton is not None:
         return tl.reshape(q, (D,)), scale
 
     @triton.jit
-    def _store_group_quantized(x, q_ptr, s_ptr, GROUP: tl.constexpr, BITS: tl.constexpr):
+    def _lanes(n: tl.constexpr, live):
+        """A mask of n lanes, all on where the scalar `live` is 1 and all off where it is 0."""
+        return tl.arange(0, n) < live * n
+
+    @triton.jit
+    def _store_group_quantized(x, q_ptr, s_ptr, live, GROUP: tl.constexpr, BITS: tl.constexpr):
         D: tl.constexpr = x.shape[0]
         q, scale = _group_quantize(x, GROUP, 2 ** (BITS - 1) - 1)
         if BITS == 8:
-            tl.store(q_ptr + tl.arange(0, D), q.to(tl.int8))
+            tl.store(q_ptr + tl.arange(0, D), q.to(tl.int8), mask=_lanes(D, live))
         else:
             lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (D // 2, 2)))
-            tl.store(q_ptr + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8))
-        tl.store(s_ptr + tl.arange(0, D // GROUP), scale.to(tl.float16))
+            tl.store(q_ptr + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8), mask=_lanes(D // 2, live))
+        tl.store(s_ptr + tl.arange(0, D // GROUP), scale.to(tl.float16), mask=_lanes(D // GROUP, live))
 
     @triton.jit
-    def _kv_write_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, H, CAP,
-                         KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr,
-                         M: tl.constexpr):
-        """One program per (row, KV head): quantize the new token's K and V and write them at slot pos % CAP."""
+    def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr, kq_ptr, ks_ptr,
+                         vq_ptr, vs_ptr, sketch_ptr, row_stride, H, CAP, eps, PROLOGUE: tl.constexpr,
+                         G: tl.constexpr, BLOCK_R: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr,
+                         GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr):
+        """Program (row, KV head): quantize the row's new K and V and write them at slot position % CAP, and
+        set the row's filled length. x is the keys, or with PROLOGUE the row's fused QKV projection: then the
+        G query heads of this KV head and its key are RMS-normed and rotated at the row's position first, and
+        the query heads, scaled by their gains, are stored to q_out. A row whose position is negative is
+        inactive: nothing of it is written."""
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        slot = tl.load(pos_ptr + b).to(tl.int64) % CAP
-        entry = (b * H + h) * CAP + slot
+        pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
+        live = (pos >= 0).to(tl.int32)
         offs = tl.arange(0, D)
-        k = tl.load(k_ptr + (b * H + h) * D + offs).to(tl.float32)
-        v = tl.load(v_ptr + (b * H + h) * D + offs).to(tl.float32)
+        if PROLOGUE:
+            HALF: tl.constexpr = D // 2
+            rows = tl.arange(0, BLOCK_R)  # the G query heads, then the key head
+            head = tl.where(rows < G, h * G + rows, H * G + h)
+            ptrs = x_ptr + b * row_stride + head[:, None] * D
+            rmask = (rows < G + 1)[:, None]
+            x = tl.load(ptrs + offs[None, :], mask=rmask, other=0).to(tl.float32)
+            partner = tl.load(ptrs + ((offs + HALF) % D)[None, :], mask=rmask, other=0).to(tl.float32)
+            freq = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs % HALF)
+            out_ty = q_out_ptr.dtype.element_ty  # cos and sin rounded to the compute dtype, as the model does
+            cos = tl.cos(freq).to(out_ty).to(tl.float32)
+            sin = tl.sin(freq).to(out_ty).to(tl.float32) * tl.where(offs < HALF, 1.0, -1.0)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+            x = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
+            gain = tl.load(gain_ptr + h * G + rows, mask=rows < G, other=1.0).to(tl.float32)
+            tl.store(q_out_ptr + ((b * H + h) * G + rows)[:, None] * D + offs[None, :], (x * gain[:, None]).to(out_ty),
+                     mask=(rows < G)[:, None])
+            k = tl.sum(tl.where((rows == G)[:, None], x, 0.0), axis=0)
+        else:
+            k = tl.load(x_ptr + b * row_stride + h * D + offs).to(tl.float32)
+        v = tl.load(v_ptr + b * row_stride + h * D + offs).to(tl.float32)
+        entry = (b * H + h) * CAP + tl.maximum(pos, 0) % CAP
         if KEY_MODE == 0:
-            _store_group_quantized(k, kq_ptr + entry * D, ks_ptr + entry * (D // GROUP), GROUP, 8)
+            _store_group_quantized(k, kq_ptr + entry * D, ks_ptr + entry * (D // GROUP), live, GROUP, 8)
         else:
             offs_m = tl.arange(0, M)
             sk = tl.sum(tl.load(sketch_ptr + offs_m[:, None] * D + offs[None, :]) * k[None, :], axis=1)
             bits = tl.reshape((sk >= 0).to(tl.int32), (M // 8, 8)) << tl.arange(0, 8)[None, :]
-            tl.store(kq_ptr + entry * (M // 8) + tl.arange(0, M // 8), tl.sum(bits, axis=1).to(tl.uint8))
-            tl.store(ks_ptr + entry, tl.sqrt(tl.sum(k * k, axis=0)).to(tl.float16))
+            tl.store(kq_ptr + entry * (M // 8) + tl.arange(0, M // 8), tl.sum(bits, axis=1).to(tl.uint8),
+                     mask=_lanes(M // 8, live))
+            tl.store(ks_ptr + entry, tl.sqrt(tl.sum(k * k, axis=0)).to(tl.float16), mask=live == 1)
         vwidth: tl.constexpr = D if VBITS == 8 else D // 2
-        _store_group_quantized(v, vq_ptr + entry * vwidth, vs_ptr + entry * (D // GROUP), GROUP, VBITS)
+        _store_group_quantized(v, vq_ptr + entry * vwidth, vs_ptr + entry * (D // GROUP), live, GROUP, VBITS)
+        tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(live == 1) & (h == 0))
 
     @triton.jit
-    def _load_keys_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr,
-                          GROUP: tl.constexpr, M: tl.constexpr):
-        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys, dequantized in registers.
-        For QJL, q is the sketched query S q (BLOCK_H, M)."""
+    def _scale_groups(codes, s_ptr, entry, nmask, GROUP: tl.constexpr):
+        """codes (N, D) fp16 times their entries' per-group scales, loaded once per group (N, D // GROUP)."""
+        N: tl.constexpr = codes.shape[0]
+        D: tl.constexpr = codes.shape[1]
+        scale = tl.load(s_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :], mask=nmask[:, None],
+                        other=0)
+        return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
+
+    @triton.jit
+    def _key_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                    M: tl.constexpr):
+        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers: tensor-core dots
+        of fp16 operands, fp32 accumulation. For QJL, q is the sketched query S q (BLOCK_H, M)."""
         if KEY_MODE == 0:
-            offs = tl.arange(0, D)
-            k = tl.load(kq_ptr + entry[:, None] * D + offs[None, :], mask=nmask[:, None], other=0).to(tl.float32)
-            k = k * tl.load(ks_ptr + entry[:, None] * (D // GROUP) + offs[None, :] // GROUP, mask=nmask[:, None],
-                            other=0).to(tl.float32)
-            return tl.dot(q, tl.trans(k))
+            k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+            return tl.dot(q, tl.trans(_scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)))
         else:
-            offs = tl.arange(0, M)
-            byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + offs[None, :] // 8, mask=nmask[:, None], other=0)
-            sign = ((byte.to(tl.int32) >> (offs[None, :] % 8)) & 1).to(tl.float32) * 2.0 - 1.0
+            byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
+                           other=0).to(tl.int32)
+            bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+            sign = (tl.reshape(bits, (byte.shape[0], M)) * 2 - 1).to(tl.float16)
             norm = tl.load(ks_ptr + entry, mask=nmask, other=0).to(tl.float32)
             return tl.dot(q, tl.trans(sign)) * (norm[None, :] * (1.2533141373155003 / M))
 
     @triton.jit
-    def _load_values(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
-        offs = tl.arange(0, D)
+    def _values(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
+        """A block of cached values (BLOCK_N, D) decoded in registers, fp16."""
         if VBITS == 8:
-            v = tl.load(vq_ptr + entry[:, None] * D + offs[None, :], mask=nmask[:, None], other=0).to(tl.float32)
+            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
         else:
-            byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + offs[None, :] // 2, mask=nmask[:, None], other=0)
-            v = ((byte.to(tl.int32) >> ((offs[None, :] % 2) * 4)) & 15).to(tl.float32) - 8.0
-        return v * tl.load(vs_ptr + entry[:, None] * (D // GROUP) + offs[None, :] // GROUP, mask=nmask[:, None],
-                           other=0).to(tl.float32)
+            byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
+                           other=0).to(tl.int32)
+            v = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], D)) - 8
+        return _scale_groups(v.to(tl.float16), vs_ptr, entry, nmask, GROUP)
 
     @triton.jit
-    def _attend_stage1_kernel(q_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, H, CAP, CHUNK,
-                              sm_scale, G: tl.constexpr, KEY_MODE: tl.constexpr, QD: tl.constexpr, D: tl.constexpr,
-                              GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr,
-                              BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
-        """Program (row, KV head, split): online softmax over its slice of the filled length for all
-        G query heads of that KV head; writes the partial output and its log-sum-exp."""
+    def _merge_splits(mid_o_ptr, mid_lse_ptr, parts, D: tl.constexpr, NSPLIT: tl.constexpr):
+        """parts (BLOCK_H,): each query head's first split slot -> its output (BLOCK_H, D), the splits' partial
+        outputs weighted by their log-sum-exp; an empty cache attends to nothing: 0."""
+        offs_s = tl.arange(0, NSPLIT)
+        lse = tl.load(mid_lse_ptr + parts[:, None] + offs_s[None, :], cache_modifier=".cg")  # other SMs wrote these
+        top = tl.max(lse, axis=1)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - tl.where(top == float("-inf"), 0.0, top)[:, None]))
+        o = tl.load(mid_o_ptr + (parts[:, None, None] + offs_s[None, :, None]) * D + tl.arange(0, D)[None, None, :],
+                    cache_modifier=".cg")
+        total = tl.sum(w, axis=1)
+        return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+
+    @triton.jit
+    def _attend_kernel(q_ptr, sketch_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
+                       out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr,
+                       GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+        """Program (row, KV head, split): online softmax over its slice of the filled length for all G query
+        heads of that KV head. With one split it writes the output; otherwise it writes its partial output
+        and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
+        them (flash decoding in one launch)."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         length = tl.load(len_ptr + b)
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, length)
-        offs_h = tl.arange(0, BLOCK_H)
+        offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, D)
         hmask = offs_h < G
-        heads = h * G + offs_h
-        q = tl.load(q_ptr + (b * H * G + heads)[:, None] * QD + tl.arange(0, QD)[None, :], mask=hmask[:, None],
-                    other=0).to(tl.float32)
+        heads = b * H * G + h * G + offs_h
+        q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float16)
+        if KEY_MODE == 1:  # sketch the query here: S (M, D) is small and stays in L2
+            sketch = tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs_d[None, :]).to(tl.float16)
+            q = tl.dot(q, tl.trans(sketch)).to(tl.float16)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc = tl.zeros((BLOCK_H, D), tl.float32)
@@ -366,86 +479,106 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             entry = (b * H + h) * CAP + offs_n
-            s = _load_keys_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE, D, GROUP, M) * sm_scale
+            s = _key_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE, D, GROUP, M) * sm_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            v = _load_values(vq_ptr, vs_ptr, entry, nmask, D, GROUP, VBITS)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), _values(vq_ptr, vs_ptr, entry, nmask, D, GROUP, VBITS))
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         filled = l_i > 0
         out = acc / tl.where(filled, l_i, 1.0)[:, None]
-        lse = tl.where(filled, m_i + tl.log(tl.where(filled, l_i, 1.0)), float("-inf"))
-        part = (b * H * G + heads) * NSPLIT + sp
-        tl.store(mid_o_ptr + part[:, None] * D + tl.arange(0, D)[None, :], out, mask=hmask[:, None])
-        tl.store(mid_lse_ptr + part, lse, mask=hmask)
-
-    @triton.jit
-    def _attend_stage2_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr):
-        """Program per (row, query head): merge the splits' partial outputs by their log-sum-exp."""
-        row = tl.program_id(0).to(tl.int64)
-        offs_s = tl.arange(0, NSPLIT)
-        lse = tl.load(mid_lse_ptr + row * NSPLIT + offs_s)
-        top = tl.max(lse, axis=0)
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - tl.where(top == float("-inf"), 0.0, top)))
-        o = tl.load(mid_o_ptr + (row * NSPLIT + offs_s)[:, None] * D + tl.arange(0, D)[None, :])
-        total = tl.sum(w, axis=0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # an empty cache attends to nothing: 0
-        tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
+        out_ptrs = out_ptr + heads[:, None] * D + offs_d[None, :]
+        if NSPLIT == 1:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+        else:
+            lse = tl.where(filled, m_i + tl.log(tl.where(filled, l_i, 1.0)), float("-inf"))
+            parts = heads * NSPLIT
+            tl.store(mid_o_ptr + (parts + sp)[:, None] * D + offs_d[None, :], out, mask=hmask[:, None])
+            tl.store(mid_lse_ptr + parts + sp, lse, mask=hmask)
+            counter = count_ptr + b * H + h
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NSPLIT - 1:  # every other split has stored its part
+                merged = _merge_splits(mid_o_ptr, mid_lse_ptr, tl.where(hmask, parts, 0), D, NSPLIT)
+                tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+                tl.atomic_xchg(counter, 0)  # ready for the next step (and the next graph replay)
 
 
-def split_plan(batch: int, heads: int, capacity: int, block_n: int, device) -> tuple[int, int]:
-    """(splits, chunk): about four programs per SM; static for a given cache, so CUDA graphs can replay it."""
+def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per_sm: int, device) -> tuple[int, int]:
+    """(splits, chunk): about `programs_per_sm` programs per SM; static for a given cache, so CUDA graphs can replay it."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
-    splits = triton.next_power_of_2(max(1, -(-4 * sms // (batch * heads))))
+    splits = triton.next_power_of_2(max(1, -(-programs_per_sm * sms // (batch * heads))))
     splits = max(1, min(splits, 64, triton.next_power_of_2(-(-capacity // block_n))))
     chunk = -(-capacity // splits)
     return splits, -(-chunk // block_n) * block_n
 
 
+# Stage-1 launch settings (block_n, num_warps, num_stages, programs per SM) per key mode and regime, from
+# the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs than SMs is
+# latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks.
+LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4), (KEY_INT8, "bandwidth"): (128, 2, 2, 4),
+                   (KEY_QJL, "latency"): (32, 8, 2, 8), (KEY_QJL, "bandwidth"): (64, 2, 1, 4)}
+
+
 class TritonAttendMixin:
-    """append/attend through the Triton kernels over the reference backend's own buffers."""
+    """append / prologue / attend through the Triton kernels over the reference backend's own buffers."""
 
     key_mode: int
-    block_n = 64
+    settings: tuple[int, int, int, int] | None = None  # set on an instance to override LAUNCH_SETTINGS
 
-    def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def launch_settings(self) -> tuple[int, int, int, int]:
+        if self.settings is not None:
+            return self.settings
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
+        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.batch * self.heads >= sms else "latency")]
+
+    def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor if unused)."""
         raise NotImplementedError
 
     def value_bits(self) -> int:
         raise NotImplementedError
 
     def _plan(self):
-        if not hasattr(self, "_mid"):
-            self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, self.device)
-            self._mid = (torch.empty(self.batch * self.q_heads * self.splits, self.head_dim, device=self.device),
-                         torch.empty(self.batch * self.q_heads * self.splits, device=self.device))
-        return self._mid
+        if not hasattr(self, "splits"):
+            self.block_n, self.num_warps, self.num_stages, programs_per_sm = self.launch_settings()
+            self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, programs_per_sm,
+                                                 self.device)
+            parts = self.batch * self.q_heads * self.splits
+            self.mid_o = torch.empty(parts, self.head_dim, device=self.device)
+            self.mid_lse = torch.empty(parts, device=self.device)
+            self.split_count = torch.zeros(self.batch * self.heads, dtype=torch.int32, device=self.device)
+
+    def _write(self, x: Tensor, v: Tensor, positions: Tensor, q_out: Tensor | None = None,
+               inv_freq: Tensor | None = None, q_gain: Tensor | None = None) -> None:
+        g = self.q_heads // self.heads
+        _kv_write_kernel[(self.batch, self.heads)](
+            x, v, x if q_out is None else q_out, positions, positions.stride(0), self.lengths,
+            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.kernel_buffers(), x.stride(0),
+            self.heads, self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q_out is not None, G=g,
+            BLOCK_R=triton.next_power_of_2(g + 1), KEY_MODE=self.key_mode, D=self.head_dim, GROUP=self.cfg.group_size,
+            VBITS=self.value_bits(), M=self.cfg.qjl_dim)
 
     def append(self, k, v, positions):
-        positions = positions.contiguous()  # the kernel indexes row b at pos_ptr + b; an expanded view has stride 0
-        kq, ks, vq, vs = self.kernel_buffers()
-        sketch = getattr(self, "sketch", kq)
-        _kv_write_kernel[(self.batch, self.heads)](
-            k.contiguous(), v.contiguous(), positions, kq, ks, vq, vs, sketch, self.heads, self.capacity,
-            KEY_MODE=self.key_mode, D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(),
-            M=self.cfg.qjl_dim)
-        self.lengths.copy_(torch.clamp(positions + 1, max=self.capacity))
+        b = self.batch
+        self._write(k.reshape(b, -1).contiguous(), v.reshape(b, -1).contiguous(), positions)
+
+    def prologue(self, qkv, positions, inv_freq, q_gain):
+        qkv = qkv.contiguous()
+        q = torch.empty(self.batch, self.q_heads, self.head_dim, device=qkv.device, dtype=qkv.dtype)
+        self._write(qkv, qkv[:, (self.q_heads + self.heads) * self.head_dim:], positions, q, inv_freq, q_gain)
+        return q
 
     def attend(self, q):
-        mid_o, mid_lse = self._plan()
+        self._plan()
         g = self.q_heads // self.heads
-        qk = (q.float() @ self.sketch.T) if self.key_mode == KEY_QJL else q
-        kq, ks, vq, vs = self.kernel_buffers()
-        _attend_stage1_kernel[(self.batch, self.heads, self.splits)](
-            qk.contiguous(), kq, ks, vq, vs, self.lengths, mid_o, mid_lse, self.heads, self.capacity, self.chunk,
-            self.sm_scale, G=g, KEY_MODE=self.key_mode, QD=qk.shape[-1], D=self.head_dim, GROUP=self.cfg.group_size,
-            VBITS=self.value_bits(), M=self.cfg.qjl_dim, BLOCK_H=max(16, triton.next_power_of_2(g)),
-            BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=4, num_stages=3)
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=q.dtype)
-        _attend_stage2_kernel[(self.batch * self.q_heads,)](mid_o, mid_lse, out, D=self.head_dim, NSPLIT=self.splits)
+        _attend_kernel[(self.batch, self.heads, self.splits)](
+            q.contiguous(), self.kernel_buffers()[4], *self.kernel_buffers()[:4], self.lengths, self.mid_o, self.mid_lse,
+            self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g, KEY_MODE=self.key_mode,
+            D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim,
+            BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=self.block_n, NSPLIT=self.splits,
+            num_warps=self.num_warps, num_stages=self.num_stages)
         return out
 
 
@@ -453,7 +586,7 @@ class Int8TritonCache(TritonAttendMixin, Int8Cache):
     key_mode = KEY_INT8
 
     def kernel_buffers(self):
-        return self.k_q, self.k_s, self.v_q, self.v_s
+        return self.k_q, self.k_s, self.v_q, self.v_s, self.k_q
 
     def value_bits(self):
         return 8
@@ -463,7 +596,7 @@ class QJLTritonCache(TritonAttendMixin, QJLCache):
     key_mode = KEY_QJL
 
     def kernel_buffers(self):
-        return self.k_bits, self.k_norm, self.v_q, self.v_s
+        return self.k_bits, self.k_norm, self.v_q, self.v_s, self.sketch
 
     def value_bits(self):
         return self.cfg.value_bits
