@@ -412,6 +412,15 @@ if triton is not None:
                         other=0)
         return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
 
+    FP16_MINUS_ONE = tl.constexpr(0xBC00)  # fp16 bit patterns: -1.0, and 1024.0 (whose low bits count by 1)
+    FP16_1024 = tl.constexpr(0x6400)
+
+    @triton.jit
+    def _fp16_bits(pattern):
+        """int32 holding fp16 bit patterns -> fp16: integer ops instead of int-to-float conversions, which
+        run at a fraction of the ALU rate and bound the 1-bit and 4-bit decoders."""
+        return pattern.to(tl.int16).to(tl.float16, bitcast=True)
+
     @triton.jit
     def _key_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                     M: tl.constexpr):
@@ -424,7 +433,7 @@ if triton is not None:
             byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
             bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-            sign = (tl.reshape(bits, (byte.shape[0], M)) * 2 - 1).to(tl.float16)
+            sign = _fp16_bits((tl.reshape(bits, (byte.shape[0], M)) << 15) ^ FP16_MINUS_ONE)  # bit 1: +1, 0: -1
             norm = tl.load(ks_ptr + entry, mask=nmask, other=0).to(tl.float32)
             return tl.dot(q, tl.trans(sign)) * (norm[None, :] * (1.2533141373155003 / M))
 
@@ -432,12 +441,14 @@ if triton is not None:
     def _values(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
         """A block of cached values (BLOCK_N, D) decoded in registers, fp16."""
         if VBITS == 8:
-            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None],
+                        other=0).to(tl.float16)
         else:
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
-            v = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], D)) - 8
-        return _scale_groups(v.to(tl.float16), vs_ptr, entry, nmask, GROUP)
+            nibbles = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], D))
+            v = _fp16_bits(nibbles | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
+        return _scale_groups(v, vs_ptr, entry, nmask, GROUP)
 
     @triton.jit
     def _merge_splits(mid_o_ptr, mid_lse_ptr, parts, D: tl.constexpr, NSPLIT: tl.constexpr):
@@ -517,7 +528,7 @@ def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per
 # the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs than SMs is
 # latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks.
 LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4), (KEY_INT8, "bandwidth"): (128, 2, 2, 4),
-                   (KEY_QJL, "latency"): (32, 8, 2, 8), (KEY_QJL, "bandwidth"): (64, 2, 1, 4)}
+                   (KEY_QJL, "latency"): (32, 8, 2, 8), (KEY_QJL, "bandwidth"): (128, 4, 1, 4)}
 
 
 class TritonAttendMixin:
