@@ -94,7 +94,7 @@ def test_residual_norm_kernel_matches_reference(skip_self, has_skip, has_mix, ha
     kwargs = dict(delta=delta if has_delta else None, delta_scale=torch.rand(n) if has_delta else None,
                   skip=skip if has_skip else None, skip_weight=torch.rand(n) if has_skip or skip_self else None,
                   skip_self=skip_self, x0=x0 if has_mix else None, mix=torch.rand(2, n) if has_mix else None)
-    for got, want in zip(tg.residual_norm_triton(x, **kwargs), tg.residual_norm_reference(x, **kwargs)):
+    for got, want in zip(tg.kv.residual_norm_triton(x, **kwargs), tg.kv.residual_norm_reference(x, **kwargs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -103,13 +103,13 @@ def test_small_batch_linear_kernel_matches_reference(rows, n, k, relu_square):
     torch.manual_seed(0)
     x, w = torch.randn(rows, k), torch.randn(n, k) / 30
     want = F.linear(x, w)
-    want = tg.relu_square_reference(want) if relu_square else want
-    torch.testing.assert_close(tg.small_batch_linear_triton(x, w, relu_square), want, rtol=1e-5, atol=1e-5)
+    want = tg.kv.relu_square_reference(want) if relu_square else want
+    torch.testing.assert_close(tg.kv.small_batch_linear_triton(x, w, relu_square), want, rtol=1e-5, atol=1e-5)
 
 
 def test_relu_square_kernel_matches_reference():
     x = torch.randn(3, 1500)  # not a multiple of the block
-    torch.testing.assert_close(tg.relu_square_triton(x), tg.relu_square_reference(x))
+    torch.testing.assert_close(tg.kv.relu_square_triton(x), tg.kv.relu_square_reference(x))
 
 
 def test_score_next_token_kernel_matches_reference():
@@ -119,7 +119,7 @@ def test_score_next_token_kernel_matches_reference():
     positions = {name: torch.tensor([5, 5, -(1 << 62), 7]) for name in ("kernel", "torch")}
     loss = {name: torch.full((4,), 2.0, dtype=torch.float64) for name in positions}
     for name in positions:
-        tg.score_next_token(proj, rows, positions[name], weight, loss[name], 30.0, use_kernel=name == "kernel")
+        tg.kv.score_next_token(proj, rows, positions[name], weight, loss[name], 30.0, use_kernel=name == "kernel")
     torch.testing.assert_close(loss["kernel"], loss["torch"], rtol=1e-5, atol=1e-5)
     assert loss["kernel"][2] == 2.0  # an inactive row adds nothing
     assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8]
@@ -136,8 +136,8 @@ def test_fused_decoder_matches_the_torch_path(sample_shards, monkeypatch):
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
     torch_path = tg.autoregressive_eval(args, model, val, luts, "int8", torch.device("cpu"), print)
-    monkeypatch.setattr(tg, "use_decode_kernels", lambda device: True)
-    monkeypatch.setattr(tg, "SMALL_BATCH_ROWS", 0)
+    monkeypatch.setattr(tg.kv, "use_decode_kernels", lambda device: True)
+    monkeypatch.setattr(tg.kv, "SMALL_BATCH_ROWS", 0)
     fused = tg.autoregressive_eval(args, model, val, luts, "int8_triton", torch.device("cpu"), print)
     assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 2e-3 and fused["tokens"] == torch_path["tokens"] == 144
 
