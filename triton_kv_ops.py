@@ -467,7 +467,7 @@ if triton is not None:
         return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
-    def _attend_kernel(q_ptr, sketch_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
+    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
                        out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr,
                        GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
@@ -588,7 +588,7 @@ class TritonAttendMixin:
         g = self.q_heads // self.heads
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=q.dtype)
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            q.contiguous(), self.kernel_buffers()[4], *self.kernel_buffers()[:4], self.lengths, self.mid_o, self.mid_lse,
+            q.contiguous(), *self.kernel_buffers(), self.lengths, self.mid_o, self.mid_lse,
             self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g, KEY_MODE=self.key_mode,
             D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim,
             BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=self.block_n, NSPLIT=self.splits,
