@@ -845,8 +845,11 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return w if self.emb_qat_delta is None else w + self.emb_qat_delta
 
+    def logit_weight(self) -> Tensor:
+        return self.embedding_weight() if self.lm_head is None else self.lm_head.effective_weight()
+
     def logit_proj(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.embedding_weight().to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        return F.linear(h, self.logit_weight().to(h.dtype))
 
     def logits(self, h: Tensor) -> Tensor:
         return kv.softcap_logits(self.logit_proj(h), self.logit_softcap)
@@ -907,7 +910,7 @@ class GPT(nn.Module):
         return kv.residual_norm(x, delta, delta_scale)[2]
 
     def decode_logit_proj(self, h: Tensor) -> Tensor:
-        return kv.decode_linear(h, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+        return kv.decode_linear(h, self.logit_weight())
 
     def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
         """-> softcapped logits (B, V)."""
@@ -1101,7 +1104,6 @@ class Decoder:
         self.row_weight = torch.zeros(batch, dtype=torch.float64, device=device)
         self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.use_kernels = kv.use_decode_kernels(device)
         self.graph = None
         if use_graph and device.type == "cuda":
             for c in self.caches:
@@ -1113,7 +1115,7 @@ class Decoder:
         t = self.positions[:1]  # row 0 is always live
         h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
         kv.score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.row_weight, self.row_loss,
-                         self.model.logit_softcap, self.use_kernels)
+                            self.model.logit_softcap)
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

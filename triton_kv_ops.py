@@ -518,16 +518,21 @@ if triton is not None:
                 tl.atomic_xchg(counter, 0)  # ready for the next step (and the next graph replay)
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 8 stands in for the CPU (the interpreter in tests)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per_sm: int, device) -> tuple[int, int]:
     """(splits, chunk): about `programs_per_sm` programs per SM; static for a given cache, so CUDA graphs can replay it."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
-    splits = triton.next_power_of_2(max(1, -(-programs_per_sm * sms // (batch * heads))))
+    splits = triton.next_power_of_2(max(1, -(-programs_per_sm * sm_count(device) // (batch * heads))))
     splits = max(1, min(splits, 64, triton.next_power_of_2(-(-capacity // block_n))))
     chunk = -(-capacity // splits)
     return splits, -(-chunk // block_n) * block_n
 
 
-# Stage-1 launch settings (block_n, num_warps, num_stages, programs per SM) per key mode and regime, from
+# Attention launch settings (block_n, num_warps, num_stages, programs per SM) per key mode and regime, from
 # the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs than SMs is
 # latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks.
 LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4), (KEY_INT8, "bandwidth"): (128, 2, 2, 4),
@@ -543,8 +548,8 @@ class TritonAttendMixin:
     def launch_settings(self) -> tuple[int, int, int, int]:
         if self.settings is not None:
             return self.settings
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
-        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.batch * self.heads >= sms else "latency")]
+        regime = "bandwidth" if self.batch * self.heads >= sm_count(self.device) else "latency"
+        return LAUNCH_SETTINGS[(self.key_mode, regime)]
 
     def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor if unused)."""
@@ -792,14 +797,20 @@ def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor
     return relu_square(y) if relu_square_out else y
 
 
-def score_next_token(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor, softcap: float,
-                     use_kernel: bool) -> None:
+def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+                               softcap: float) -> None:
     """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
     then every position advances by one."""
-    if use_kernel:
-        _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
-                                                   softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
-    else:
-        targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
-        loss += next_token_nll_reference(proj, targets, softcap).double() * weight
-        positions += 1
+    targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
+    loss += next_token_nll_reference(proj, targets, softcap).double() * weight
+    positions += 1
+
+
+def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+                            softcap: float) -> None:
+    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
+                                               softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
+
+
+def score_next_token(proj: Tensor, *args) -> None:
+    (score_next_token_triton if use_decode_kernels(proj.device) else score_next_token_reference)(proj, *args)

@@ -118,8 +118,8 @@ def test_score_next_token_kernel_matches_reference():
     proj, weight = torch.randn(4, 1000) * 40, torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
     positions = {name: torch.tensor([5, 5, -(1 << 62), 7]) for name in ("kernel", "torch")}
     loss = {name: torch.full((4,), 2.0, dtype=torch.float64) for name in positions}
-    for name in positions:
-        tg.kv.score_next_token(proj, rows, positions[name], weight, loss[name], 30.0, use_kernel=name == "kernel")
+    for name, score in (("kernel", tg.kv.score_next_token_triton), ("torch", tg.kv.score_next_token_reference)):
+        score(proj, rows, positions[name], weight, loss[name], 30.0)
     torch.testing.assert_close(loss["kernel"], loss["torch"], rtol=1e-5, atol=1e-5)
     assert loss["kernel"][2] == 2.0  # an inactive row adds nothing
     assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8]
