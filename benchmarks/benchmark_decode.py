@@ -19,11 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def profile(args, model, val, backend: str, device) -> None:
-    rows, capacity = tg.ar_eval_rows(args, val, 1)
-    decoder = tg.Decoder(model, backend, 1, rows.shape[1], capacity, args, device, torch.bfloat16, use_graph=True)
-    decoder.rows.copy_(rows[:1])
-    decoder._reset(1)
+def profile(args, model, val, backend: str, batch: int, device) -> None:
+    """Per-kernel CUDA times of 64 graph replays at `batch`, from the middle of the windows (an average context)."""
+    rows, capacity = tg.ar_eval_rows(args, val, batch)
+    rows = rows.repeat(-(-batch // rows.shape[0]), 1)[:batch]
+    decoder = tg.Decoder(model, backend, batch, rows.shape[1], capacity, args, device, torch.bfloat16, use_graph=True)
+    decoder.rows.copy_(rows)
+    decoder._reset(batch)
+    for _ in range(capacity // 2 - 32):
+        decoder.graph.replay()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(64):
             decoder.graph.replay()
@@ -39,8 +43,8 @@ def main() -> None:
     p.add_argument("--backends", default="bf16,int8_triton,qjl_triton")
     p.add_argument("--batches", default="1,64,256,512")
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
-    p.add_argument("--profile", action="store_true", help="instead: per-kernel CUDA times of 64 batch-1 graph "
-                   "replays of the first backend (torch.profiler)")
+    p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "
+                   "at this batch, mid-window, of the first backend (torch.profiler)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
     a = p.parse_args()
     device = torch.device("cuda")
@@ -62,7 +66,7 @@ def main() -> None:
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
     if a.profile:
-        return profile(args, model, val, a.backends.split(",")[0], device)
+        return profile(args, model, val, a.backends.split(",")[0], a.profile, device)
     rows, teacher_forced = [], {}
     for backend in a.backends.split(","):
         for batch in map(int, a.batches.split(",")):

@@ -1,6 +1,6 @@
 """Per KV backend: us per attend, achieved GB/s (bytes the cache must read) against the measured
 copy bandwidth, bytes per token, peak CUDA memory over baseline, speedup over the torch reference.
---sweep instead times the Triton backends' launch settings (block, warps, stages, programs per SM)
+--sweep instead times the Triton backends' launch settings (block, warps, stages, programs per SM, register cap)
 per shape, each checked against its torch reference, and prints the fastest.
 
     python benchmarks/benchmark_kv_backends.py --out kv_bench.json
@@ -63,9 +63,9 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
     return cache
 
 
-# block_n, num_warps, num_stages, programs per SM
-GRIDS = {"int8_triton": ((32, 64, 128, 256), (2, 4), (2, 3), (2, 4, 8)),
-         "qjl_triton": ((16, 32, 64), (2, 4, 8), (1, 2), (4, 8))}
+# block_n, num_warps, num_stages, programs per SM, register cap (None: the compiler's choice)
+GRIDS = {"int8_triton": ((64, 128, 256), (2, 4), (2, 3), (4, 8), (None, 128)),
+         "qjl_triton": ((32, 64, 128, 256), (4, 8), (1, 2), (4, 8, 16), (None, 128, 168))}
 
 
 def sweep(a, cfg: kv.KVConfig) -> None:
@@ -96,7 +96,8 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                              "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
             best = sorted((r for r in rows if r["backend"] == name and r["context"] == ctx and r["batch"] == b),
                           key=lambda r: r["us"])
-            print(f"{name} ctx {ctx} B {b}: fastest of {len(best)} (block_n/warps/stages/programs per SM -> splits)")
+            print(f"{name} ctx {ctx} B {b}: fastest of {len(best)} (block_n/warps/stages/programs per SM/register cap "
+                  "-> splits)")
             for r in best[:5] + [r for r in best if r["settings"] == default]:
                 tag = "default" if r["settings"] == default else ""
                 print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "

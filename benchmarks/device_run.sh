@@ -4,6 +4,7 @@
 # Stages: sweep (Triton launch settings per shape), kv (KV backend benchmark), baseline (the public baseline script, if .device/baseline_train_gpt.py
 # exists), int8 | int8qat | polar (our trainer, same data and wallclock), big (polar, larger model),
 # codecs (bytes per scheme from the polar QAT run's weights), decode (AR throughput), isolation.
+# Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
@@ -21,8 +22,9 @@ if [ ! -f $DATA/fineweb_val_000000.bin ]; then
 fi
 train() {  # name, then env assignments
   local name=$1; shift
-  env "$@" DATA_PATH=$DATA RUN_ID=$name OUT_DIR=/tmp/runs/$name MAX_WALLCLOCK_SECONDS=$WALL VAL_LOSS_EVERY=0 \
-    TRAIN_LOG_EVERY=50 timeout ${RUN_TIMEOUT:-420} python3 train_gpt.py > /tmp/runs/$name.out 2>&1
+  (cd "${CODE_DIR:-$ROOT}" && env "$@" DATA_PATH=$DATA TOKENIZER_PATH=$ROOT/data/tokenizers/fineweb_1024_bpe.model \
+    RUN_ID=$name OUT_DIR=/tmp/runs/$name MAX_WALLCLOCK_SECONDS=$WALL VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
+    timeout ${RUN_TIMEOUT:-420} python3 train_gpt.py > /tmp/runs/$name.out 2>&1)
   echo "== $name rc=$?" | tee -a "$OUT/summary.txt"
   grep -E "train_summary|roundtrip_exact|Total submission|final_kv_eval_exact|phase_times|WARNING|Error" /tmp/runs/$name.out | tee -a "$OUT/summary.txt"
 }
