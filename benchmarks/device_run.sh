@@ -22,6 +22,7 @@ if [ ! -f $DATA/fineweb_val_000000.bin ]; then
 fi
 train() {  # name, then env assignments
   local name=$1; shift
+  rm -rf /tmp/runs/$name  # a log reused by RUN_ID would be appended to
   (cd "${CODE_DIR:-$ROOT}" && env "$@" DATA_PATH=$DATA TOKENIZER_PATH=$ROOT/data/tokenizers/fineweb_1024_bpe.model \
     RUN_ID=$name OUT_DIR=/tmp/runs/$name MAX_WALLCLOCK_SECONDS=$WALL VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
     timeout ${RUN_TIMEOUT:-420} python3 train_gpt.py > /tmp/runs/$name.out 2>&1)

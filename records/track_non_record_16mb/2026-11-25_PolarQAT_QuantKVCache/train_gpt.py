@@ -746,14 +746,6 @@ def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
 # -----------------------------------------------------------------------------
 
 
-def softcap_logits(proj: Tensor, softcap: float) -> Tensor:
-    return softcap * torch.tanh(proj.float() / softcap)
-
-
-def relu_square_reference(x: Tensor) -> Tensor:
-    return torch.relu(x).square()
-
-
 class CastedLinear(nn.Linear):
     """fp32 master weight, cast to the activation dtype at matmul time. Under QAT, `qat_delta`
     holds fake_quant(w) - w, refreshed once per optimizer step: w + delta is the quantized weight
@@ -793,8 +785,8 @@ class CausalSelfAttention(nn.Module):
 
     def decode_step(self, x: Tensor, positions: Tensor, cache: "kv.KVCache") -> Tensor:
         """One token per row; needs `qkv_weight`, the fused Q, K, V matrix that GPT.for_decode builds."""
-        q = cache.prologue(decode_linear(x, self.qkv_weight), positions, self.inv_freq, self.q_gain)
-        return decode_linear(cache.attend(q).reshape(x.shape[0], -1), self.proj.weight)
+        q = cache.prologue(kv.decode_linear(x, self.qkv_weight), positions, self.inv_freq, self.q_gain)
+        return kv.decode_linear(cache.attend(q).reshape(x.shape[0], -1), self.proj.weight)
 
 
 class MLP(nn.Module):
@@ -805,10 +797,10 @@ class MLP(nn.Module):
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(relu_square_reference(self.fc(x)))
+        return self.proj(kv.relu_square_reference(self.fc(x)))
 
     def decode_step(self, x: Tensor) -> Tensor:
-        return decode_linear(decode_linear(x, self.fc.weight, relu_square_out=True), self.proj.weight)
+        return kv.decode_linear(kv.decode_linear(x, self.fc.weight, relu_square_out=True), self.proj.weight)
 
 
 class Block(nn.Module):
@@ -853,11 +845,14 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return w if self.emb_qat_delta is None else w + self.emb_qat_delta
 
+    def logit_weight(self) -> Tensor:
+        return self.embedding_weight() if self.lm_head is None else self.lm_head.effective_weight()
+
     def logit_proj(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.embedding_weight().to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        return F.linear(h, self.logit_weight().to(h.dtype))
 
     def logits(self, h: Tensor) -> Tensor:
-        return softcap_logits(self.logit_proj(h), self.logit_softcap)
+        return kv.softcap_logits(self.logit_proj(h), self.logit_softcap)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
         x = F.rms_norm(F.embedding(input_ids, self.embedding_weight()), (self.tok_emb.embedding_dim,))
@@ -907,19 +902,20 @@ class GPT(nn.Module):
             skip_self = j == 0 and i > 0
             skip = skips.pop() if j > 0 and skips else None
             skip_weight = self.skip_weights[j] if skip_self or skip is not None else None
-            s, x, h = residual_norm(x, delta, delta_scale, skip, skip_weight, skip_self, x0, block.resid_mix)
+            s, x, h = kv.residual_norm(x, delta, delta_scale, skip, skip_weight, skip_self, x0, block.resid_mix)
             if 0 < i < self.num_encoder_layers:
                 skips.append(s)
-            _, x, h = residual_norm(x, block.attn.decode_step(h, positions, cache), block.attn_scale)
+            _, x, h = kv.residual_norm(x, block.attn.decode_step(h, positions, cache), block.attn_scale)
             delta, delta_scale = block.mlp.decode_step(h), block.mlp_scale
-        return residual_norm(x, delta, delta_scale)[2]
+        return kv.residual_norm(x, delta, delta_scale)[2]
 
     def decode_logit_proj(self, h: Tensor) -> Tensor:
-        return decode_linear(h, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+        return kv.decode_linear(h, self.logit_weight())
 
     def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
         """-> softcapped logits (B, V)."""
-        return softcap_logits(self.decode_logit_proj(self.decode_hidden(tokens, positions, caches)), self.logit_softcap)
+        proj = self.decode_logit_proj(self.decode_hidden(tokens, positions, caches))
+        return kv.softcap_logits(proj, self.logit_softcap)
 
 
 def build_model(config: dict, device: torch.device) -> GPT:
@@ -1036,167 +1032,6 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
 
 
 # -----------------------------------------------------------------------------
-# Decode kernels. With one token per row a decode step is bound by kernel launches, not bytes: these
-# fuse the residual stream between sub-layers and the scoring of the next token. CUDA runs the
-# kernels; the CPU (and the tests, against the kernels under TRITON_INTERPRET=1) the torch references.
-# -----------------------------------------------------------------------------
-
-
-def residual_norm_reference(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
-                            skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
-                            x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """s = x + delta_scale * delta; y = s + skip_weight * skip (skip is s itself with skip_self);
-    y = mix[0] * y + mix[1] * x0; h = rms_norm(y). Absent terms drop out. Returns (s, y, h)."""
-    s = x if delta is None else x + delta_scale.to(x.dtype) * delta
-    y = s if skip_weight is None else s + skip_weight.to(x.dtype) * (s if skip_self else skip)
-    if mix is not None:
-        m = mix.to(x.dtype)
-        y = m[0] * y + m[1] * x0
-    return s, y, F.rms_norm(y, (y.size(-1),))
-
-
-def next_token_nll_reference(proj: Tensor, targets: Tensor, softcap: float) -> Tensor:
-    return F.cross_entropy(softcap_logits(proj, softcap), targets, reduction="none")
-
-
-if triton is not None:
-
-    @triton.jit
-    def _load_f32(ptr, idx, mask):
-        return tl.load(ptr + idx, mask=mask, other=0).to(tl.float32)
-
-    @triton.jit
-    def _residual_norm_kernel(x_ptr, d_ptr, ds_ptr, skip_ptr, sw_ptr, x0_ptr, mix_ptr, s_ptr, y_ptr, h_ptr, n, eps,
-                              HAS_DELTA: tl.constexpr, SKIP: tl.constexpr, HAS_MIX: tl.constexpr,
-                              BLOCK: tl.constexpr):
-        """Program per row, fp32 in registers; SKIP: 0 none, 1 the skip tensor, 2 s itself."""
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
-        at = row * n + offs
-        s = _load_f32(x_ptr, at, mask)
-        if HAS_DELTA:
-            s = s + _load_f32(ds_ptr, offs, mask) * _load_f32(d_ptr, at, mask)
-        y = s
-        if SKIP == 1:
-            y = y + _load_f32(sw_ptr, offs, mask) * _load_f32(skip_ptr, at, mask)
-        if SKIP == 2:
-            y = y + _load_f32(sw_ptr, offs, mask) * s
-        if HAS_MIX:
-            y = _load_f32(mix_ptr, offs, mask) * y + _load_f32(mix_ptr, n + offs, mask) * _load_f32(x0_ptr, at, mask)
-        h = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps)
-        ty = s_ptr.dtype.element_ty
-        tl.store(s_ptr + at, s.to(ty), mask=mask)
-        tl.store(y_ptr + at, y.to(ty), mask=mask)
-        tl.store(h_ptr + at, h.to(ty), mask=mask)
-
-    @triton.jit
-    def _small_batch_linear_kernel(x_ptr, w_ptr, out_ptr, N, K, RELU_SQUARE: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_K: tl.constexpr):
-        """Program (block of BLOCK_N outputs, row): out = x W^T on CUDA cores, fp32 accumulation; with
-        RELU_SQUARE, relu(out)^2. At a few rows, a GEMM library's kernels spend their time in setup."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row = tl.program_id(1).to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * K + offs_k, mask=offs_k < K, other=0).to(tl.float32)
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
-                        other=0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-        if RELU_SQUARE:
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-
-    @triton.jit
-    def _relu_square_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.maximum(tl.load(x_ptr + offs, mask=offs < n, other=0).to(tl.float32), 0.0)
-        tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=offs < n)
-
-    @triton.jit
-    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, weight_ptr, loss_ptr, V, softcap,
-                                 BLOCK_V: tl.constexpr):
-        """Program per row b at position p = pos[b]: NLL of the softcapped logits at the row's next token
-        rows[b, p + 1], times the row's weight, added to its fp64 loss; then pos[b] = p + 1."""
-        b = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + b)
-        target = tl.load(rows_ptr + b * row_len + tl.maximum(pos, 0) + 1)  # inactive rows (p < 0) weigh 0
-        offs = tl.arange(0, BLOCK_V)
-        z = tl.load(proj_ptr + b * V + offs, mask=offs < V, other=0).to(tl.float32) / softcap
-        logit = tl.where(offs < V, softcap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)), float("-inf"))  # softcap*tanh(z)
-        top = tl.max(logit, axis=0)
-        lse = top + tl.log(tl.sum(tl.exp(logit - top), axis=0))
-        nll = lse - tl.sum(tl.where(offs == target, logit, 0.0), axis=0)
-        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + nll.to(tl.float64) * tl.load(weight_ptr + b))
-        tl.store(pos_ptr + b, pos + 1)
-
-
-def residual_norm_triton(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
-                         skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
-                         x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    n = x.shape[-1]
-    s, y, h = (torch.empty_like(x) for _ in range(3))
-    _residual_norm_kernel[(x.numel() // n,)](
-        x, x if delta is None else delta, x if delta_scale is None else delta_scale, x if skip is None else skip,
-        x if skip_weight is None else skip_weight, x if x0 is None else x0, x if mix is None else mix, s, y, h, n,
-        torch.finfo(torch.float32).eps, HAS_DELTA=delta is not None,
-        SKIP=2 if skip_self else int(skip is not None), HAS_MIX=mix is not None, BLOCK=triton.next_power_of_2(n))
-    return s, y, h
-
-
-def small_batch_linear_triton(x: Tensor, w: Tensor, relu_square: bool = False) -> Tensor:
-    n, k = w.shape
-    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    _small_batch_linear_kernel[(triton.cdiv(n, 4), x.numel() // k)](x.contiguous(), w, out, n, k, RELU_SQUARE=relu_square,
-                                                                     BLOCK_N=4, BLOCK_K=512, num_warps=4)
-    return out
-
-
-def relu_square_triton(x: Tensor) -> Tensor:
-    out = torch.empty_like(x)
-    _relu_square_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
-    return out
-
-
-def use_decode_kernels(device: torch.device) -> bool:
-    return device.type == "cuda" and triton is not None
-
-
-def residual_norm(x: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
-    return (residual_norm_triton if use_decode_kernels(x.device) else residual_norm_reference)(x, *args, **kwargs)
-
-
-def relu_square(x: Tensor) -> Tensor:
-    return (relu_square_triton if use_decode_kernels(x.device) else relu_square_reference)(x)
-
-
-SMALL_BATCH_ROWS = 4  # up to this many rows, decode_linear runs the small-batch kernel
-
-
-def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor:
-    """x W^T (then relu^2) for a decode step: the small-batch kernel at a few rows, else the GEMM library."""
-    if use_decode_kernels(x.device) and x.numel() // x.shape[-1] <= SMALL_BATCH_ROWS:
-        return small_batch_linear_triton(x, w, relu_square_out)
-    y = F.linear(x, w)
-    return relu_square(y) if relu_square_out else y
-
-
-def score_next_token(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor, softcap: float,
-                     use_kernel: bool) -> None:
-    """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
-    then every position advances by one."""
-    if use_kernel:
-        _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
-                                                   softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
-    else:
-        targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
-        loss += next_token_nll_reference(proj, targets, softcap).double() * weight
-        positions += 1
-
-
-# -----------------------------------------------------------------------------
 # Evaluation: teacher-forced over all windows, and autoregressive through a KV cache
 # -----------------------------------------------------------------------------
 
@@ -1269,7 +1104,6 @@ class Decoder:
         self.row_weight = torch.zeros(batch, dtype=torch.float64, device=device)
         self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.use_kernels = use_decode_kernels(device)
         self.graph = None
         if use_graph and device.type == "cuda":
             for c in self.caches:
@@ -1280,8 +1114,8 @@ class Decoder:
     def _step(self) -> None:
         t = self.positions[:1]  # row 0 is always live
         h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
-        score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.row_weight, self.row_loss,
-                         self.model.logit_softcap, self.use_kernels)
+        kv.score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.row_weight, self.row_loss,
+                            self.model.logit_softcap)
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

@@ -8,20 +8,29 @@ step can be captured in a CUDA graph:
     prologue(qkv, positions, inv_freq, q_gain) -> q
                                  the decode step's attention prologue: split a fused QKV projection,
                                  RMS-norm q and k, rotate them at their positions, scale q by its gain,
-                                 append k and v; the Triton backends do all of it in one kernel
-    attend(q) -> out             all query heads of each KV head at once (GQA, no repeated K/V)
+                                 append k and v; the Triton backends do all of it in one kernel. q comes
+                                 back in the form this backend's attend takes (for qjl_triton: the
+                                 query's sketch in int8 steps, a SketchedQuery)
+    attend(q) -> out             all query heads of each KV head at once (GQA, no repeated K/V); a plain
+                                 q (B, Hq, D) is accepted by every backend
     bytes_per_token()            logical packed bytes of one token's K and V (all KV heads, one layer)
     tensor_bytes()               bytes the buffers hold
+The module also holds the rest of the decode step's kernels (residual + RMSNorm, small-batch linear,
+next-token scoring), each beside its torch reference.
+
 Keys are cached after RoPE at their absolute position, so a ring buffer that evicts old entries
 keeps relative positions true. The Triton attention follows flash decoding in one launch: the
 filled length is split across programs (online softmax, partial output + log-sum-exp), and the
-last split of each (row, KV head) to finish merges the parts.
+last split of each (row, KV head) to finish merges the parts. QJL keys are scored by an integer
+tensor-core dot of the sketched query (int8 steps) against signs looked up 4 at a time from a
+64-byte table, not unpacked bit by bit.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +61,7 @@ def group_quantize(x: Tensor, group: int, bits: int) -> tuple[Tensor, Tensor]:
     """x (..., D) -> codes int8 (..., D) in [-qmax, qmax], scales fp16 (..., D // group)."""
     qmax = 2 ** (bits - 1) - 1
     xg = x.float().reshape(*x.shape[:-1], -1, group)
-    scale = (xg.abs().amax(-1) / qmax).clamp_min(1e-8).half()
+    scale = (xg.abs().amax(-1) / qmax).clamp_min(2.0 ** -24).half()  # the least fp16 above 0
     q = torch.floor(xg / scale.float()[..., None] + 0.5).clamp(-qmax, qmax)
     return q.reshape(x.shape).to(torch.int8), scale
 
@@ -82,6 +91,21 @@ def unpack_signs(p: Tensor) -> Tensor:
     return bits.reshape(*p.shape[:-1], -1).float() * 2 - 1
 
 
+def quantize_sketched_query(sq: Tensor) -> Tensor:
+    """S q (..., m) -> the same rounded to int8 steps of max|S q| / 127 per query head, as the QJL kernel's
+    integer tensor-core dot takes it. Adds under 1% to the estimator's own noise (std 0.007 of it at m = 256)."""
+    scale = sq.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.floor(sq / scale + 0.5) * scale
+
+
+def sign_table(device) -> Tensor:
+    """(16 * 4,) int8: row `nibble` holds the 4 signs that nibble of packed QJL bits stands for. The attention
+    kernel looks keys up here, 4 signs per load, instead of unpacking bits one by one; 64 bytes, so a warp's
+    lookups touch one L1 line (a byte table would spread them over 16)."""
+    bits = (torch.arange(16, device=device)[:, None] >> torch.arange(4, device=device)) & 1
+    return (bits * 2 - 1).reshape(-1).to(torch.int8)
+
+
 def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
     """buf[b, :, slots[b]] = value[b] for each active row b; an inactive row keeps the entry (no host sync)."""
     rows = torch.arange(buf.shape[0], device=buf.device)
@@ -90,8 +114,10 @@ def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
 
 
 def qjl_sketch(head_dim: int, m: int, seed: int, device) -> Tensor:
+    """Gaussian (m, head_dim) rounded to fp16 values: the caches store it in fp16, and the kernels'
+    tensor-core dots take it exactly."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, head_dim, generator=gen).to(device)
+    return torch.randn(m, head_dim, generator=gen).half().float().to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -264,8 +290,9 @@ class QJLCache(KVCache):
 
     def allocate(self):
         m, g = self.cfg.qjl_dim, self.head_dim // self.cfg.group_size
-        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device)
-        self.extra_bytes = self.sketch.numel() * 4
+        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device).half()
+        self.signs = sign_table(self.device)
+        self.extra_bytes = self.sketch.numel() * 2 + self.signs.numel()
         self.buffer("k_bits", m // 8, dtype=torch.uint8)
         self.buffer("k_norm", dtype=torch.float16)
         width = self.head_dim if self.cfg.value_bits == 8 else self.head_dim // 2
@@ -274,14 +301,14 @@ class QJLCache(KVCache):
 
     def write(self, k, v, slots, active):
         kf = k.float()
-        self.store("k_bits", slots, active, pack_signs(kf @ self.sketch.T))
+        self.store("k_bits", slots, active, pack_signs(kf @ self.sketch.float().T))
         self.store("k_norm", slots, active, kf.norm(dim=-1).half())
         q, s = group_quantize(v, self.cfg.group_size, self.cfg.value_bits)
         self.store("v_q", slots, active, q if self.cfg.value_bits == 8 else pack_nibbles(q))
         self.store("v_s", slots, active, s)
 
     def scores(self, q):
-        sq = q @ self.sketch.T
+        sq = quantize_sketched_query(q @ self.sketch.float().T)
         est = torch.einsum("bhgm,bhnm->bhgn", sq, unpack_signs(self.k_bits))
         return est * (math.sqrt(math.pi / 2) / self.cfg.qjl_dim) * self.k_norm.float()[:, :, None, :]
 
@@ -329,79 +356,92 @@ KEY_INT8, KEY_QJL = 0, 1
 if triton is not None:
 
     @triton.jit
-    def _group_quantize(x, GROUP: tl.constexpr, QMAX: tl.constexpr):
-        """x (D,) fp32 -> (codes (D,) fp32 in [-QMAX, QMAX], fp16-rounded scales (D // GROUP,))."""
-        D: tl.constexpr = x.shape[0]
-        xg = tl.reshape(x, (D // GROUP, GROUP))
-        scale = tl.maximum(tl.max(tl.abs(xg), axis=1) / QMAX, 1e-8).to(tl.float16).to(tl.float32)
-        q = tl.floor(xg / scale[:, None] + 0.5)
-        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-        return tl.reshape(q, (D,)), scale
-
-    @triton.jit
-    def _lanes(n: tl.constexpr, live):
-        """A mask of n lanes, all on where the scalar `live` is 1 and all off where it is 0."""
-        return tl.arange(0, n) < live * n
-
-    @triton.jit
-    def _store_group_quantized(x, q_ptr, s_ptr, live, GROUP: tl.constexpr, BITS: tl.constexpr):
-        D: tl.constexpr = x.shape[0]
-        q, scale = _group_quantize(x, GROUP, 2 ** (BITS - 1) - 1)
+    def _store_rows_group_quantized(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
+        """x (R, D) fp32 rows -> symmetric codes (round half up) and fp16 scales per GROUP channels, stored at
+        the rows' cache entries (R,) where live (R,) is set."""
+        R: tl.constexpr = x.shape[0]
+        D: tl.constexpr = x.shape[1]
+        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        xg = tl.reshape(x, (R, D // GROUP, GROUP))
+        scale = tl.maximum(tl.max(tl.abs(xg), axis=2) / QMAX, 2.0 ** -24).to(tl.float16).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.floor(xg / scale[:, :, None] + 0.5), -QMAX), QMAX)
+        q = tl.reshape(q, (R, D))
+        width: tl.constexpr = D if BITS == 8 else D // 2
+        offs = tl.arange(0, width)
+        mask = live[:, None] & (offs < width)[None, :]
         if BITS == 8:
-            tl.store(q_ptr + tl.arange(0, D), q.to(tl.int8), mask=_lanes(D, live))
+            tl.store(q_ptr + entry[:, None] * D + offs[None, :], q.to(tl.int8), mask=mask)
         else:
-            lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (D // 2, 2)))
-            tl.store(q_ptr + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8), mask=_lanes(D // 2, live))
-        tl.store(s_ptr + tl.arange(0, D // GROUP), scale.to(tl.float16), mask=_lanes(D // GROUP, live))
+            lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (R, D // 2, 2)))
+            tl.store(q_ptr + entry[:, None] * width + offs[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mask)
+        offs_g = tl.arange(0, D // GROUP)
+        tl.store(s_ptr + entry[:, None] * (D // GROUP) + offs_g[None, :], scale.to(tl.float16),
+                 mask=live[:, None] & (offs_g < D // GROUP)[None, :])
 
     @triton.jit
-    def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr, kq_ptr, ks_ptr,
-                         vq_ptr, vs_ptr, sketch_ptr, row_stride, H, CAP, eps, PROLOGUE: tl.constexpr,
-                         G: tl.constexpr, BLOCK_R: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr,
-                         GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr):
-        """Program (row, KV head): quantize the row's new K and V and write them at slot position % CAP, and
-        set the row's filled length. x is the keys, or with PROLOGUE the row's fused QKV projection: then the
-        G query heads of this KV head and its key are RMS-normed and rotated at the row's position first, and
-        the query heads, scaled by their gains, are stored to q_out. A row whose position is negative is
-        inactive: nothing of it is written."""
-        b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, q_step_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
+                         kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, row_stride, CAP, eps, PROLOGUE: tl.constexpr,
+                         HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_V: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                         VBITS: tl.constexpr, M: tl.constexpr):
+        """Program (row, group of HG KV heads): quantize the row's new K and V of those heads, write them at slot
+        position % CAP, and set the row's filled length. x holds the H keys, or with PROLOGUE the row's fused QKV
+        projection: then the group's query heads and keys are RMS-normed and rotated at the row's position first,
+        and the query heads, scaled by their gains, are stored to q_out; for QJL keys q_out takes the queries'
+        sketches instead, in int8 steps (one step per head to q_step), as the attention kernel consumes them.
+        One tile holds the group's heads: the sketch S (M, D) is loaded once per program and applied by a
+        tensor-core dot. A row whose position is negative is inactive: nothing of it is written."""
+        b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
-        live = (pos >= 0).to(tl.int32)
-        offs = tl.arange(0, D)
+        slot = tl.maximum(pos, 0) % CAP
+        G: tl.constexpr = HQ // H
+        NQ: tl.constexpr = HG * G if PROLOGUE else 0  # the tile's rows: NQ query heads, then HG keys
+        rows, offs = tl.arange(0, BLOCK_R), tl.arange(0, D)
+        is_query = rows < NQ
+        is_key = (rows >= NQ) & (rows < NQ + HG) & (rows * 0 + pos >= 0)  # an inactive row writes no key
+        q_head, k_head = h0 * G + rows, h0 + rows - NQ
+        x_head = tl.where(is_query, q_head, (HQ if PROLOGUE else 0) + k_head)  # where the head sits in x
+        ptrs = x_ptr + b * row_stride + x_head[:, None] * D
+        in_tile = (rows < NQ + HG)[:, None]
+        x = tl.load(ptrs + offs[None, :], mask=in_tile, other=0).to(tl.float32)
         if PROLOGUE:
             HALF: tl.constexpr = D // 2
-            rows = tl.arange(0, BLOCK_R)  # the G query heads, then the key head
-            head = tl.where(rows < G, h * G + rows, H * G + h)
-            ptrs = x_ptr + b * row_stride + head[:, None] * D
-            rmask = (rows < G + 1)[:, None]
-            x = tl.load(ptrs + offs[None, :], mask=rmask, other=0).to(tl.float32)
-            partner = tl.load(ptrs + ((offs + HALF) % D)[None, :], mask=rmask, other=0).to(tl.float32)
+            partner = tl.load(ptrs + ((offs + HALF) % D)[None, :], mask=in_tile, other=0).to(tl.float32)
             freq = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs % HALF)
-            out_ty = q_out_ptr.dtype.element_ty  # cos and sin rounded to the compute dtype, as the model does
+            out_ty = x_ptr.dtype.element_ty  # cos and sin rounded to the compute dtype, as the model does
             cos = tl.cos(freq).to(out_ty).to(tl.float32)
             sin = tl.sin(freq).to(out_ty).to(tl.float32) * tl.where(offs < HALF, 1.0, -1.0)
             inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
             x = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
-            gain = tl.load(gain_ptr + h * G + rows, mask=rows < G, other=1.0).to(tl.float32)
-            tl.store(q_out_ptr + ((b * H + h) * G + rows)[:, None] * D + offs[None, :], (x * gain[:, None]).to(out_ty),
-                     mask=(rows < G)[:, None])
-            k = tl.sum(tl.where((rows == G)[:, None], x, 0.0), axis=0)
-        else:
-            k = tl.load(x_ptr + b * row_stride + h * D + offs).to(tl.float32)
-        v = tl.load(v_ptr + b * row_stride + h * D + offs).to(tl.float32)
-        entry = (b * H + h) * CAP + tl.maximum(pos, 0) % CAP
+            x = x * tl.load(gain_ptr + q_head, mask=is_query, other=1.0).to(tl.float32)[:, None]
+        entry = (b * H + k_head) * CAP + slot
         if KEY_MODE == 0:
-            _store_group_quantized(k, kq_ptr + entry * D, ks_ptr + entry * (D // GROUP), live, GROUP, 8)
+            _store_rows_group_quantized(x, kq_ptr, ks_ptr, entry, is_key, GROUP, 8)
+            if PROLOGUE:
+                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
+                         mask=is_query[:, None])
         else:
-            offs_m = tl.arange(0, M)
-            sk = tl.sum(tl.load(sketch_ptr + offs_m[:, None] * D + offs[None, :]) * k[None, :], axis=1)
-            bits = tl.reshape((sk >= 0).to(tl.int32), (M // 8, 8)) << tl.arange(0, 8)[None, :]
-            tl.store(kq_ptr + entry * (M // 8) + tl.arange(0, M // 8), tl.sum(bits, axis=1).to(tl.uint8),
-                     mask=_lanes(M // 8, live))
-            tl.store(ks_ptr + entry, tl.sqrt(tl.sum(k * k, axis=0)).to(tl.float16), mask=live == 1)
-        vwidth: tl.constexpr = D if VBITS == 8 else D // 2
-        _store_group_quantized(v, vq_ptr + entry * vwidth, vs_ptr + entry * (D // GROUP), live, GROUP, VBITS)
-        tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(live == 1) & (h == 0))
+            sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs[None, :]))
+            x_high = x.to(tl.float16)
+            sx = tl.dot(x_high, sketch) + tl.dot((x - x_high.to(tl.float32)).to(tl.float16), sketch)  # ~fp32
+            bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
+            offs_b = tl.arange(0, M // 8)
+            tl.store(kq_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
+                     mask=is_key[:, None] & (offs_b < M // 8)[None, :])
+            tl.store(ks_ptr + entry, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=is_key)
+            if PROLOGUE:
+                step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
+                offs_m = tl.arange(0, M)
+                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :],
+                         tl.floor(sx / step[:, None] + 0.5).to(tl.int8), mask=is_query[:, None] & (offs_m < M)[None, :])
+                tl.store(q_step_ptr + b * HQ + q_head, step, mask=is_query)
+        in_group = tl.arange(0, BLOCK_V) < HG
+        v_head = h0 + tl.arange(0, BLOCK_V)
+        v = tl.load(v_ptr + b * row_stride + v_head[:, None] * D + offs[None, :], mask=in_group[:, None],
+                    other=0).to(tl.float32)
+        v_live = in_group & (v_head * 0 + pos >= 0)
+        _store_rows_group_quantized(v, vq_ptr, vs_ptr, (b * H + v_head) * CAP + slot, v_live, GROUP, VBITS)
+        tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
 
     @triton.jit
     def _scale_groups(codes, s_ptr, entry, nmask, GROUP: tl.constexpr):
@@ -412,30 +452,32 @@ if triton is not None:
                         other=0)
         return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
 
-    FP16_MINUS_ONE = tl.constexpr(0xBC00)  # fp16 bit patterns: -1.0, and 1024.0 (whose low bits count by 1)
-    FP16_1024 = tl.constexpr(0x6400)
+    FP16_1024 = tl.constexpr(0x6400)  # the fp16 bit pattern of 1024.0, whose low bits count by 1
 
     @triton.jit
     def _fp16_bits(pattern):
         """int32 holding fp16 bit patterns -> fp16: integer ops instead of int-to-float conversions, which
-        run at a fraction of the ALU rate and bound the 1-bit and 4-bit decoders."""
+        run at a fraction of the ALU rate and would bound the 4-bit decoder."""
         return pattern.to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _key_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-                    M: tl.constexpr):
-        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers: tensor-core dots
-        of fp16 operands, fp32 accumulation. For QJL, q is the sketched query S q (BLOCK_H, M)."""
+    def _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr,
+                    GROUP: tl.constexpr, M: tl.constexpr):
+        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
+        dots. int8 keys: fp16 operands. QJL: q is the sketched query in int8 steps (BLOCK_H, M), and each byte
+        of sign bits is one 8-byte load from the sign table (L1-resident), an integer dot; scores come out
+        in units of the query's step."""
         if KEY_MODE == 0:
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             return tl.dot(q, tl.trans(_scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)))
         else:
             byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
-            bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-            sign = _fp16_bits((tl.reshape(bits, (byte.shape[0], M)) << 15) ^ FP16_MINUS_ONE)  # bit 1: +1, 0: -1
+            nibble = (byte[:, :, None] >> (4 * tl.arange(0, 2))[None, None, :]) & 15
+            sign = tl.load(signs_ptr + nibble[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :])
+            sign = tl.reshape(sign, (byte.shape[0], M))
             norm = tl.load(ks_ptr + entry, mask=nmask, other=0).to(tl.float32)
-            return tl.dot(q, tl.trans(sign)) * (norm[None, :] * (1.2533141373155003 / M))
+            return tl.dot(q, tl.trans(sign)).to(tl.float32) * (norm[None, :] * (1.2533141373155003 / M))
 
     @triton.jit
     def _values(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
@@ -464,14 +506,16 @@ if triton is not None:
         return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
-    def _attend_kernel(q_ptr, sketch_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
-                       out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr,
-                       GROUP: tl.constexpr, VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+    def _attend_kernel(q_ptr, q_step_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, signs_ptr, len_ptr, mid_o_ptr,
+                       mid_lse_ptr, count_ptr, out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr,
+                       KEY_MODE: tl.constexpr, SKETCHED: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                       VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NSPLIT: tl.constexpr):
         """Program (row, KV head, split): online softmax over its slice of the filled length for all G query
         heads of that KV head. With one split it writes the output; otherwise it writes its partial output
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
-        them (flash decoding in one launch)."""
+        them (flash decoding in one launch). SKETCHED: q is already the QJL sketch in int8 steps, with its
+        steps at q_step (the fused prologue wrote them)."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         length = tl.load(len_ptr + b)
         start = sp * CHUNK
@@ -479,10 +523,21 @@ if triton is not None:
         offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, D)
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
-        q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float16)
-        if KEY_MODE == 1:  # sketch the query here: S (M, D) is small and stays in L2
-            sketch = tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs_d[None, :]).to(tl.float16)
-            q = tl.dot(q, tl.trans(sketch)).to(tl.float16)
+        if SKETCHED:
+            offs_m = tl.arange(0, M)
+            q = tl.load(q_ptr + heads[:, None] * M + offs_m[None, :], mask=hmask[:, None], other=0)
+            score_scale = tl.load(q_step_ptr + heads, mask=hmask, other=0) * sm_scale
+        else:
+            q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
+            q = q_in.to(tl.float16)
+            score_scale = tl.full((BLOCK_H,), sm_scale, tl.float32)
+            if KEY_MODE == 1:  # sketch the query here (S (M, D) is small and stays in L2), round it to int8 steps
+                sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs_d[None, :]))
+                q_low = (q_in - q.to(tl.float32)).to(tl.float16)  # q + q_low in fp16: the sketch to ~fp32 accuracy
+                sq = tl.dot(q, sketch) + tl.dot(q_low, sketch)
+                step = tl.maximum(tl.max(tl.abs(sq), axis=1), 1e-30) / 127.0
+                q = tl.floor(sq / step[:, None] + 0.5).to(tl.int8)
+                score_scale = step * sm_scale
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc = tl.zeros((BLOCK_H, D), tl.float32)
@@ -490,7 +545,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             entry = (b * H + h) * CAP + offs_n
-            s = _key_scores(q, kq_ptr, ks_ptr, entry, nmask, KEY_MODE, D, GROUP, M) * sm_scale
+            s = _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE, D, GROUP, M) * score_scale[:, None]
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
@@ -515,36 +570,60 @@ if triton is not None:
                 tl.atomic_xchg(counter, 0)  # ready for the next step (and the next graph replay)
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 8 stands in for the CPU (the interpreter in tests)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per_sm: int, device) -> tuple[int, int]:
     """(splits, chunk): about `programs_per_sm` programs per SM; static for a given cache, so CUDA graphs can replay it."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
-    splits = triton.next_power_of_2(max(1, -(-programs_per_sm * sms // (batch * heads))))
+    splits = triton.next_power_of_2(max(1, -(-programs_per_sm * sm_count(device) // (batch * heads))))
     splits = max(1, min(splits, 64, triton.next_power_of_2(-(-capacity // block_n))))
     chunk = -(-capacity // splits)
     return splits, -(-chunk // block_n) * block_n
 
 
-# Stage-1 launch settings (block_n, num_warps, num_stages, programs per SM) per key mode and regime, from
-# the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs than SMs is
-# latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks.
-LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4), (KEY_INT8, "bandwidth"): (128, 2, 2, 4),
-                   (KEY_QJL, "latency"): (32, 8, 2, 8), (KEY_QJL, "bandwidth"): (128, 4, 1, 4)}
+# Attention launch settings (block_n, num_warps, num_stages, programs per SM, register cap or None) per key mode
+# and regime, from the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs
+# than SMs is latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks, and a register
+# cap where more programs per SM hide more latency than the spills cost.
+LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4, None), (KEY_INT8, "bandwidth"): (128, 2, 2, 4, None),
+                   (KEY_QJL, "latency"): (64, 8, 1, 8, None), (KEY_QJL, "bandwidth"): (128, 4, 1, 8, 128)}
+
+
+class SketchedQuery(NamedTuple):
+    """A query as the QJL Triton prologue hands it to attend: S q in int8 steps (B, Hq, M), each head's step (B, Hq)."""
+    codes: Tensor
+    step: Tensor
+
+
+def query_tensors(q: Tensor | SketchedQuery) -> tuple[Tensor, Tensor]:
+    """The kernels' query arguments: values or sketch codes, then the steps (q itself as a placeholder if plain)."""
+    return (q.codes, q.step) if isinstance(q, SketchedQuery) else (q.contiguous(), q)
 
 
 class TritonAttendMixin:
     """append / prologue / attend through the Triton kernels over the reference backend's own buffers."""
 
     key_mode: int
-    settings: tuple[int, int, int, int] | None = None  # set on an instance to override LAUNCH_SETTINGS
+    settings: tuple[int, int, int, int, int | None] | None = None  # set on an instance to override LAUNCH_SETTINGS
+    # KV heads per write program: with few rows one each, for latency; with many, all of a row's heads, so the
+    # QJL sketch loads once per row. Set on an instance to override.
+    write_group: int | None = None
 
-    def launch_settings(self) -> tuple[int, int, int, int]:
+    def launch_settings(self) -> tuple[int, int, int, int, int | None]:
         if self.settings is not None:
             return self.settings
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
-        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.batch * self.heads >= sms else "latency")]
+        regime = "bandwidth" if self.batch * self.heads >= sm_count(self.device) else "latency"
+        return LAUNCH_SETTINGS[(self.key_mode, regime)]
 
     def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor if unused)."""
+        raise NotImplementedError
+
+    def key_table(self) -> Tensor:
+        """The key decoder's lookup table (any tensor if unused)."""
         raise NotImplementedError
 
     def value_bits(self) -> int:
@@ -552,7 +631,7 @@ class TritonAttendMixin:
 
     def _plan(self):
         if not hasattr(self, "splits"):
-            self.block_n, self.num_warps, self.num_stages, programs_per_sm = self.launch_settings()
+            self.block_n, self.num_warps, self.num_stages, programs_per_sm, self.max_registers = self.launch_settings()
             self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, programs_per_sm,
                                                  self.device)
             parts = self.batch * self.q_heads * self.splits
@@ -560,15 +639,22 @@ class TritonAttendMixin:
             self.mid_lse = torch.empty(parts, device=self.device)
             self.split_count = torch.zeros(self.batch * self.heads, dtype=torch.int32, device=self.device)
 
-    def _write(self, x: Tensor, v: Tensor, positions: Tensor, q_out: Tensor | None = None,
+    def empty_query(self, dtype: torch.dtype) -> Tensor | SketchedQuery:
+        """What the fused prologue writes the query into, in the form attend takes."""
+        return torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=dtype)
+
+    def _write(self, x: Tensor, v: Tensor, positions: Tensor, q: Tensor | SketchedQuery | None = None,
                inv_freq: Tensor | None = None, q_gain: Tensor | None = None) -> None:
-        g = self.q_heads // self.heads
-        _kv_write_kernel[(self.batch, self.heads)](
-            x, v, x if q_out is None else q_out, positions, positions.stride(0), self.lengths,
-            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.kernel_buffers(), x.stride(0),
-            self.heads, self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q_out is not None, G=g,
-            BLOCK_R=triton.next_power_of_2(g + 1), KEY_MODE=self.key_mode, D=self.head_dim, GROUP=self.cfg.group_size,
-            VBITS=self.value_bits(), M=self.cfg.qjl_dim)
+        q_out, q_step = query_tensors(x if q is None else q)
+        group = self.write_group or (self.heads if self.batch * self.heads >= sm_count(self.device) else 1)
+        rows = (group * self.q_heads // self.heads if q is not None else 0) + group
+        _kv_write_kernel[(self.batch, self.heads // group)](
+            x, v, q_out, q_step, positions, positions.stride(0), self.lengths, x if inv_freq is None else inv_freq,
+            x if q_gain is None else q_gain, *self.kernel_buffers(), x.stride(0), self.capacity,
+            torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads, H=self.heads, HG=group,
+            BLOCK_R=max(16 if self.key_mode == KEY_QJL else 1, triton.next_power_of_2(rows)),  # 16: a dot's rows
+            BLOCK_V=triton.next_power_of_2(group), KEY_MODE=self.key_mode, D=self.head_dim,
+            GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim)
 
     def append(self, k, v, positions):
         b = self.batch
@@ -576,20 +662,21 @@ class TritonAttendMixin:
 
     def prologue(self, qkv, positions, inv_freq, q_gain):
         qkv = qkv.contiguous()
-        q = torch.empty(self.batch, self.q_heads, self.head_dim, device=qkv.device, dtype=qkv.dtype)
+        q = self.empty_query(qkv.dtype)
         self._write(qkv, qkv[:, (self.q_heads + self.heads) * self.head_dim:], positions, q, inv_freq, q_gain)
         return q
 
     def attend(self, q):
         self._plan()
         g = self.q_heads // self.heads
-        out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=q.dtype)
+        out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            q.contiguous(), self.kernel_buffers()[4], *self.kernel_buffers()[:4], self.lengths, self.mid_o, self.mid_lse,
+            *query_tensors(q), *self.kernel_buffers(), self.key_table(), self.lengths, self.mid_o, self.mid_lse,
             self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g, KEY_MODE=self.key_mode,
-            D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim,
+            SKETCHED=isinstance(q, SketchedQuery), D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(),
+            M=self.cfg.qjl_dim,
             BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=self.block_n, NSPLIT=self.splits,
-            num_warps=self.num_warps, num_stages=self.num_stages)
+            num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.max_registers)
         return out
 
 
@@ -598,6 +685,9 @@ class Int8TritonCache(TritonAttendMixin, Int8Cache):
 
     def kernel_buffers(self):
         return self.k_q, self.k_s, self.v_q, self.v_s, self.k_q
+
+    def key_table(self):
+        return self.k_q
 
     def value_bits(self):
         return 8
@@ -608,6 +698,14 @@ class QJLTritonCache(TritonAttendMixin, QJLCache):
 
     def kernel_buffers(self):
         return self.k_bits, self.k_norm, self.v_q, self.v_s, self.sketch
+
+    def key_table(self):
+        return self.signs
+
+    def empty_query(self, dtype):
+        b, h = self.batch, self.q_heads
+        return SketchedQuery(torch.empty(b, h, self.cfg.qjl_dim, device=self.device, dtype=torch.int8),
+                             torch.empty(b, h, device=self.device))
 
     def value_bits(self):
         return self.cfg.value_bits
@@ -630,3 +728,179 @@ def make_kv_cache(name: str, *args, **kwargs) -> KVCache:
     if name in TORCH_REFERENCE and triton is None:
         raise RuntimeError(f"KV backend {name!r} needs triton; install it or use {TORCH_REFERENCE[name]!r}")
     return KV_BACKENDS[name](*args, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Decode-step kernels. With one token per row a decode step is bound by kernel launches, not bytes:
+# these fuse the residual stream between sub-layers, the small-batch linears and the scoring of the
+# next token. CUDA runs the kernels; the CPU (and the tests, against the kernels under
+# TRITON_INTERPRET=1) the torch references, which the model's training forward shares.
+# -----------------------------------------------------------------------------
+
+
+def softcap_logits(proj: Tensor, softcap: float) -> Tensor:
+    return softcap * torch.tanh(proj.float() / softcap)
+
+
+def relu_square_reference(x: Tensor) -> Tensor:
+    return torch.relu(x).square()
+
+
+def residual_norm_reference(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
+                            skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
+                            x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """s = x + delta_scale * delta; y = s + skip_weight * skip (skip is s itself with skip_self);
+    y = mix[0] * y + mix[1] * x0; h = rms_norm(y). Absent terms drop out. Returns (s, y, h)."""
+    s = x if delta is None else x + delta_scale.to(x.dtype) * delta
+    y = s if skip_weight is None else s + skip_weight.to(x.dtype) * (s if skip_self else skip)
+    if mix is not None:
+        m = mix.to(x.dtype)
+        y = m[0] * y + m[1] * x0
+    return s, y, F.rms_norm(y, (y.size(-1),))
+
+
+def next_token_nll_reference(proj: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    return F.cross_entropy(softcap_logits(proj, softcap), targets, reduction="none")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_f32(ptr, idx, mask):
+        return tl.load(ptr + idx, mask=mask, other=0).to(tl.float32)
+
+    @triton.jit
+    def _residual_norm_kernel(x_ptr, d_ptr, ds_ptr, skip_ptr, sw_ptr, x0_ptr, mix_ptr, s_ptr, y_ptr, h_ptr, n, eps,
+                              HAS_DELTA: tl.constexpr, SKIP: tl.constexpr, HAS_MIX: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """Program per row, fp32 in registers; SKIP: 0 none, 1 the skip tensor, 2 s itself."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        at = row * n + offs
+        s = _load_f32(x_ptr, at, mask)
+        if HAS_DELTA:
+            s = s + _load_f32(ds_ptr, offs, mask) * _load_f32(d_ptr, at, mask)
+        y = s
+        if SKIP == 1:
+            y = y + _load_f32(sw_ptr, offs, mask) * _load_f32(skip_ptr, at, mask)
+        if SKIP == 2:
+            y = y + _load_f32(sw_ptr, offs, mask) * s
+        if HAS_MIX:
+            y = _load_f32(mix_ptr, offs, mask) * y + _load_f32(mix_ptr, n + offs, mask) * _load_f32(x0_ptr, at, mask)
+        h = y / tl.sqrt(tl.sum(y * y, axis=0) / n + eps)
+        ty = s_ptr.dtype.element_ty
+        tl.store(s_ptr + at, s.to(ty), mask=mask)
+        tl.store(y_ptr + at, y.to(ty), mask=mask)
+        tl.store(h_ptr + at, h.to(ty), mask=mask)
+
+    @triton.jit
+    def _small_batch_linear_kernel(x_ptr, w_ptr, out_ptr, N, K, RELU_SQUARE: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+        """Program (block of BLOCK_N outputs, row): out = x W^T on CUDA cores, fp32 accumulation; with
+        RELU_SQUARE, relu(out)^2. At a few rows, a GEMM library's kernels spend their time in setup."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = tl.program_id(1).to(tl.int64)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * K + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
+                        other=0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if RELU_SQUARE:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
+    def _relu_square_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.maximum(tl.load(x_ptr + offs, mask=offs < n, other=0).to(tl.float32), 0.0)
+        tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=offs < n)
+
+    @triton.jit
+    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, weight_ptr, loss_ptr, V, softcap,
+                                 BLOCK_V: tl.constexpr):
+        """Program per row b at position p = pos[b]: NLL of the softcapped logits at the row's next token
+        rows[b, p + 1], times the row's weight, added to its fp64 loss; then pos[b] = p + 1."""
+        b = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + b)
+        target = tl.load(rows_ptr + b * row_len + tl.maximum(pos, 0) + 1)  # inactive rows (p < 0) weigh 0
+        offs = tl.arange(0, BLOCK_V)
+        z = tl.load(proj_ptr + b * V + offs, mask=offs < V, other=0).to(tl.float32) / softcap
+        logit = tl.where(offs < V, softcap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)), float("-inf"))  # softcap*tanh(z)
+        top = tl.max(logit, axis=0)
+        lse = top + tl.log(tl.sum(tl.exp(logit - top), axis=0))
+        nll = lse - tl.sum(tl.where(offs == target, logit, 0.0), axis=0)
+        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + nll.to(tl.float64) * tl.load(weight_ptr + b))
+        tl.store(pos_ptr + b, pos + 1)
+
+
+def residual_norm_triton(x: Tensor, delta: Tensor | None = None, delta_scale: Tensor | None = None,
+                         skip: Tensor | None = None, skip_weight: Tensor | None = None, skip_self: bool = False,
+                         x0: Tensor | None = None, mix: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[-1]
+    s, y, h = (torch.empty_like(x) for _ in range(3))
+    _residual_norm_kernel[(x.numel() // n,)](
+        x, x if delta is None else delta, x if delta_scale is None else delta_scale, x if skip is None else skip,
+        x if skip_weight is None else skip_weight, x if x0 is None else x0, x if mix is None else mix, s, y, h, n,
+        torch.finfo(torch.float32).eps, HAS_DELTA=delta is not None,
+        SKIP=2 if skip_self else int(skip is not None), HAS_MIX=mix is not None, BLOCK=triton.next_power_of_2(n))
+    return s, y, h
+
+
+def small_batch_linear_triton(x: Tensor, w: Tensor, relu_square: bool = False) -> Tensor:
+    n, k = w.shape
+    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    _small_batch_linear_kernel[(triton.cdiv(n, 4), x.numel() // k)](x.contiguous(), w, out, n, k, RELU_SQUARE=relu_square,
+                                                                     BLOCK_N=4, BLOCK_K=512, num_warps=4)
+    return out
+
+
+def relu_square_triton(x: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    _relu_square_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
+
+
+def use_decode_kernels(device: torch.device) -> bool:
+    return device.type == "cuda" and triton is not None
+
+
+def residual_norm(x: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    return (residual_norm_triton if use_decode_kernels(x.device) else residual_norm_reference)(x, *args, **kwargs)
+
+
+def relu_square(x: Tensor) -> Tensor:
+    return (relu_square_triton if use_decode_kernels(x.device) else relu_square_reference)(x)
+
+
+SMALL_BATCH_ROWS = 4  # up to this many rows, decode_linear runs the small-batch kernel
+
+
+def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor:
+    """x W^T (then relu^2) for a decode step: the small-batch kernel at a few rows, else the GEMM library."""
+    if use_decode_kernels(x.device) and x.numel() // x.shape[-1] <= SMALL_BATCH_ROWS:
+        return small_batch_linear_triton(x, w, relu_square_out)
+    y = F.linear(x, w)
+    return relu_square(y) if relu_square_out else y
+
+
+def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+                               softcap: float) -> None:
+    """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
+    then every position advances by one."""
+    targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
+    loss += next_token_nll_reference(proj, targets, softcap).double() * weight
+    positions += 1
+
+
+def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+                            softcap: float) -> None:
+    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
+                                               softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
+
+
+def score_next_token(proj: Tensor, *args) -> None:
+    (score_next_token_triton if use_decode_kernels(proj.device) else score_next_token_reference)(proj, *args)
