@@ -3,7 +3,7 @@
 #   STAGES="kv baseline int8" bash benchmarks/device_run.sh
 # Stages: sweep (Triton launch settings per shape), kv (KV backend benchmark), baseline (the public baseline script, if .device/baseline_train_gpt.py
 # exists), int8 | int8qat | polar (our trainer, same data and wallclock), big (polar, larger model),
-# codecs (bytes per scheme from the polar QAT run's weights), decode (AR throughput), isolation.
+# codecs (bytes per scheme from the polar QAT run's weights), decode (AR throughput at DECODE_BATCHES), isolation.
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,7 +49,8 @@ for stage in ${STAGES:-kv baseline int8}; do
     decode)
       art=${ART:-/tmp/runs/int8/final_model.int8.ptz}; [ -f "$art" ] || art=""  # none: a random model, throughput only
       timeout 300 python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path $DATA \
-              --out /tmp/runs/decode_bench.json 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt" ;;
+              --batches ${DECODE_BATCHES:-1,64,256,512} --out /tmp/runs/decode_bench.json 2>&1 \
+              | grep -E "batch|Error" | tee -a "$OUT/summary.txt" ;;
     isolation) (cd /tmp && timeout 120 python3 $ROOT/artifact_isolation_check.py ${ART:-/tmp/runs/int8/final_model.int8.ptz} \
               --data-path $DATA --tokenizer $ROOT/data/tokenizers/fineweb_1024_bpe.model --steps 1024 \
               --out /tmp/runs/isolation.json 2>&1 | tail -25 | tee -a "$OUT/summary.txt") ;;
