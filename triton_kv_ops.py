@@ -114,10 +114,9 @@ def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
 
 
 def qjl_sketch(head_dim: int, m: int, seed: int, device) -> Tensor:
-    """Gaussian (m, head_dim) rounded to fp16 values: the caches store it in fp16, and the kernels'
-    tensor-core dots take it exactly."""
+    """Gaussian (m, head_dim) in fp16: the caches store it so, and the kernels' tensor-core dots take it exactly."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, head_dim, generator=gen).half().float().to(device)
+    return torch.randn(m, head_dim, generator=gen).half().to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +289,7 @@ class QJLCache(KVCache):
 
     def allocate(self):
         m, g = self.cfg.qjl_dim, self.head_dim // self.cfg.group_size
-        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device).half()
+        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device)
         self.signs = sign_table(self.device)
         self.extra_bytes = self.sketch.numel() * 2 + self.signs.numel()
         self.buffer("k_bits", m // 8, dtype=torch.uint8)
@@ -379,6 +378,21 @@ if triton is not None:
                  mask=live[:, None] & (offs_g < D // GROUP)[None, :])
 
     @triton.jit
+    def _sketch(x, sketch_ptr, M: tl.constexpr):
+        """x (R, D) fp32 rows -> S x (R, M) fp32 by two fp16 tensor-core dots (x split into its fp16 high and
+        low parts) against the sketch S (M, D), fp16 and small (it stays in L2): about fp32 accuracy."""
+        D: tl.constexpr = x.shape[1]
+        sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]))
+        high = x.to(tl.float16)
+        return tl.dot(high, sketch) + tl.dot((x - high.to(tl.float32)).to(tl.float16), sketch)
+
+    @triton.jit
+    def _int8_steps(sx):
+        """S q (R, M) -> int8 codes and each row's step, max|S q| / 127 (quantize_sketched_query's rounding)."""
+        step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
+        return tl.floor(sx / step[:, None] + 0.5).to(tl.int8), step
+
+    @triton.jit
     def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, q_step_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
                          kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, row_stride, CAP, eps, PROLOGUE: tl.constexpr,
                          HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -421,19 +435,17 @@ if triton is not None:
                 tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
                          mask=is_query[:, None])
         else:
-            sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs[None, :]))
-            x_high = x.to(tl.float16)
-            sx = tl.dot(x_high, sketch) + tl.dot((x - x_high.to(tl.float32)).to(tl.float16), sketch)  # ~fp32
+            sx = _sketch(x, sketch_ptr, M)
             bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
             offs_b = tl.arange(0, M // 8)
             tl.store(kq_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
             tl.store(ks_ptr + entry, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=is_key)
             if PROLOGUE:
-                step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
+                codes, step = _int8_steps(sx)
                 offs_m = tl.arange(0, M)
-                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :],
-                         tl.floor(sx / step[:, None] + 0.5).to(tl.int8), mask=is_query[:, None] & (offs_m < M)[None, :])
+                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :], codes,
+                         mask=is_query[:, None] & (offs_m < M)[None, :])
                 tl.store(q_step_ptr + b * HQ + q_head, step, mask=is_query)
         in_group = tl.arange(0, BLOCK_V) < HG
         v_head = h0 + tl.arange(0, BLOCK_V)
@@ -464,9 +476,9 @@ if triton is not None:
     def _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr,
                     GROUP: tl.constexpr, M: tl.constexpr):
         """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
-        dots. int8 keys: fp16 operands. QJL: q is the sketched query in int8 steps (BLOCK_H, M), and each byte
-        of sign bits is one 8-byte load from the sign table (L1-resident), an integer dot; scores come out
-        in units of the query's step."""
+        dots. int8 keys: fp16 operands. QJL: q is the sketched query in int8 steps (BLOCK_H, M); each nibble
+        of sign bits is one 4-byte load from the 64-byte sign table (L1-resident), then an integer dot;
+        scores come out in units of the query's step."""
         if KEY_MODE == 0:
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             return tl.dot(q, tl.trans(_scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)))
@@ -531,12 +543,8 @@ if triton is not None:
             q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
             q = q_in.to(tl.float16)
             score_scale = tl.full((BLOCK_H,), sm_scale, tl.float32)
-            if KEY_MODE == 1:  # sketch the query here (S (M, D) is small and stays in L2), round it to int8 steps
-                sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs_d[None, :]))
-                q_low = (q_in - q.to(tl.float32)).to(tl.float16)  # q + q_low in fp16: the sketch to ~fp32 accuracy
-                sq = tl.dot(q, sketch) + tl.dot(q_low, sketch)
-                step = tl.maximum(tl.max(tl.abs(sq), axis=1), 1e-30) / 127.0
-                q = tl.floor(sq / step[:, None] + 0.5).to(tl.int8)
+            if KEY_MODE == 1:  # a plain query: sketch it here, in int8 steps
+                q, step = _int8_steps(_sketch(q_in, sketch_ptr, M))
                 score_scale = step * sm_scale
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
@@ -607,16 +615,20 @@ class TritonAttendMixin:
     """append / prologue / attend through the Triton kernels over the reference backend's own buffers."""
 
     key_mode: int
-    settings: tuple[int, int, int, int, int | None] | None = None  # set on an instance to override LAUNCH_SETTINGS
-    # KV heads per write program: with few rows one each, for latency; with many, all of a row's heads, so the
-    # QJL sketch loads once per row. Set on an instance to override.
+    # Overrides, set on an instance before its first call (both are planned once, in _plan): the attention
+    # launch settings (else LAUNCH_SETTINGS), and the KV heads per write program (else one each in the latency
+    # regime, and all of a row's heads in the bandwidth regime, so the QJL sketch loads once per row).
+    settings: tuple[int, int, int, int, int | None] | None = None
     write_group: int | None = None
+
+    def bandwidth_bound(self) -> bool:
+        """At least as many (row, KV head) pairs as SMs: the bandwidth regime; fewer: latency."""
+        return self.batch * self.heads >= sm_count(self.device)
 
     def launch_settings(self) -> tuple[int, int, int, int, int | None]:
         if self.settings is not None:
             return self.settings
-        regime = "bandwidth" if self.batch * self.heads >= sm_count(self.device) else "latency"
-        return LAUNCH_SETTINGS[(self.key_mode, regime)]
+        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.bandwidth_bound() else "latency")]
 
     def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor if unused)."""
@@ -632,6 +644,7 @@ class TritonAttendMixin:
     def _plan(self):
         if not hasattr(self, "splits"):
             self.block_n, self.num_warps, self.num_stages, programs_per_sm, self.max_registers = self.launch_settings()
+            self.heads_per_write = self.write_group or (self.heads if self.bandwidth_bound() else 1)
             self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, programs_per_sm,
                                                  self.device)
             parts = self.batch * self.q_heads * self.splits
@@ -645,8 +658,9 @@ class TritonAttendMixin:
 
     def _write(self, x: Tensor, v: Tensor, positions: Tensor, q: Tensor | SketchedQuery | None = None,
                inv_freq: Tensor | None = None, q_gain: Tensor | None = None) -> None:
+        self._plan()
         q_out, q_step = query_tensors(x if q is None else q)
-        group = self.write_group or (self.heads if self.batch * self.heads >= sm_count(self.device) else 1)
+        group = self.heads_per_write
         rows = (group * self.q_heads // self.heads if q is not None else 0) + group
         _kv_write_kernel[(self.batch, self.heads // group)](
             x, v, q_out, q_step, positions, positions.stride(0), self.lengths, x if inv_freq is None else inv_freq,

@@ -71,7 +71,7 @@ def test_qjl_score_is_unbiased_and_variance_falls_like_1_over_m():
     for m in (64, 256):
         est = []
         for seed in range(800):
-            s = kv.qjl_sketch(d, m, seed, "cpu")
+            s = kv.qjl_sketch(d, m, seed, "cpu").float()
             signs = kv.unpack_signs(kv.pack_signs(s @ k))
             est.append(math.sqrt(math.pi / 2) / m * float(k.norm()) * float((s @ q) @ signs))
         est = torch.tensor(est, dtype=torch.float64)
