@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--artifact", type=Path)
     p.add_argument("--data-path", required=True)
     p.add_argument("--tokenizer", default="data/tokenizers/fineweb_1024_bpe.model")
-    p.add_argument("--backends", default="bf16,int8_triton,qjl_triton")
+    p.add_argument("--backends", default="bf16_triton,int8_triton,qjl_triton")
     p.add_argument("--batches", default="1,64,256,512")
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
     p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "

@@ -64,13 +64,14 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
 
 
 # block_n, num_warps, num_stages, programs per SM, register cap (None: the compiler's choice)
-GRIDS = {"int8_triton": ((64, 128, 256), (2, 4), (2, 3), (4, 8), (None, 128)),
+GRIDS = {"bf16_triton": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
+         "int8_triton": ((64, 128, 256), (2, 4), (1, 2, 3), (4, 8), (None, 128)),
          "qjl_triton": ((32, 64, 128, 256), (4, 8), (1,), (4, 8, 16), (None, 128))}  # 2 stages, cap 168: never won
 
 
 def sweep(a, cfg: kv.KVConfig) -> None:
     rows = []
-    for name in ("int8_triton", "qjl_triton"):
+    for name in (n for n in a.backends.split(",") if n in GRIDS):
         for ctx, b in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
             cache = random_cache(name, b, ctx, a, cfg)
             ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda",
@@ -80,6 +81,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
             ref.lengths.copy_(cache.lengths)
             q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
             want = ref.attend(q).float()
+            q = cache.as_query(q)  # as the decoder's prologue hands it over
             moved = b * ctx * cache.bytes_per_token()
             default = cache.launch_settings()
             grid = GRIDS[name]
@@ -109,7 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default="256,1024,4096,16384")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--backends", default="bf16,int8,int8_triton,qjl,qjl_triton")
+    p.add_argument("--backends", default="bf16,bf16_triton,int8,int8_triton,qjl,qjl_triton")
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--q-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -130,7 +132,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 cache = random_cache(name, b, ctx, a, cfg)
-                q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+                q = cache.as_query(torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16))
                 cache.prewarm()
                 cache.lengths.fill_(ctx)
                 held = torch.cuda.memory_allocated()

@@ -140,4 +140,9 @@ def test_fused_decoder_matches_the_torch_path(sample_shards, monkeypatch):
     monkeypatch.setattr(tg.kv, "SMALL_BATCH_ROWS", 0)
     fused = tg.autoregressive_eval(args, model, val, luts, "int8_triton", torch.device("cpu"), print)
     assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 2e-3 and fused["tokens"] == torch_path["tokens"] == 144
+    exact = tg.kv.exact_backend(torch.device("cpu"))  # with the kernels on: the Triton exact backend
+    assert exact == "bf16_triton"
+    teacher_forced = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)[1]
+    assert abs(tg.autoregressive_eval(args, model, val, luts, exact, torch.device("cpu"), print)["val_bpb"]
+               - teacher_forced) < 1e-5
 

@@ -10,7 +10,7 @@ import train_gpt as tg
     ({"WEIGHT_QUANT_SCHEME": "fp8"}, "must be one of int8, polar"),
     ({"POLAR_BITS": "4,9"}, "POLAR_BITS='4,9': must be comma-separated bits"),
     ({"POLAR_BITS": "a"}, "POLAR_BITS='a'"),
-    ({"KV_QUANT_BACKEND": "fp4"}, "valid backends: bf16, int8, int8_triton, qjl, qjl_triton, qjl_recentk"),
+    ({"KV_QUANT_BACKEND": "fp4"}, "valid backends: bf16, bf16_triton, int8, int8_triton, qjl, qjl_triton, qjl_recentk"),
     ({"KV_EVAL_COMPARE_BACKENDS": "int8,nope"}, "'nope' is unknown"),
     ({"STRICT_WALLCLOCK": "maybe"}, "STRICT_WALLCLOCK='maybe' is not a valid bool"),
     ({"MODEL_DIM": "500"}, "divisible by NUM_HEADS"),
