@@ -33,7 +33,7 @@ for stage in ${STAGES:-kv baseline int8}; do
   case $stage in
     sweep) timeout 300 python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} --out /tmp/runs/kv_sweep.json 2>&1 \
              | grep -v Warning | tail -60 | tee -a "$OUT/summary.txt" ;;
-    kv) timeout 240 python3 benchmarks/benchmark_kv_backends.py --out /tmp/runs/kv_bench.json 2>&1 | tail -45 | tee -a "$OUT/summary.txt" ;;
+    kv) timeout 240 python3 benchmarks/benchmark_kv_backends.py --out /tmp/runs/kv_bench.json 2>&1 | tail -60 | tee -a "$OUT/summary.txt" ;;
     baseline)
       mkdir -p /tmp/runs/baseline && cp .device/baseline_train_gpt.py /tmp/runs/baseline/train_gpt.py
       (cd /tmp/runs/baseline && DATA_PATH=$DATA TOKENIZER_PATH=$ROOT/data/tokenizers/fineweb_1024_bpe.model RUN_ID=baseline \

@@ -110,7 +110,7 @@ class Hyperparameters:
     kv_quant_backend: str = "int8_triton"
     kv_eval_compare_backends: str = ""
     kv_eval_max_tokens: int = 0  # 0: the whole validation split
-    kv_eval_batch: int = 512
+    kv_eval_batch: int = 1024
     kv_eval_context_len: int = 0  # 0: TRAIN_SEQ_LEN windows; >0: sliding cache over one stream per row
     kv_eval_cuda_graph: bool = True
     kv_group_size: int = 32
@@ -1380,11 +1380,11 @@ def main() -> None:
         dist.destroy_process_group()
     if d.master:
         t_kv = time.perf_counter()
-        backends = list(dict.fromkeys(["bf16", args.kv_quant_backend, *args.compare_backends]))
+        exact = kv.exact_backend(d.device)
         results = {}
-        for backend in backends:
+        for backend in dict.fromkeys([exact, args.kv_quant_backend, *args.compare_backends]):
             r = autoregressive_eval(args, model, val_tokens, luts, backend, d.device, log)
-            r["delta_vs_exact"] = r["val_bpb"] - results["bf16"]["val_bpb"] if results else 0.0
+            r["delta_vs_exact"] = r["val_bpb"] - results[exact]["val_bpb"] if results else 0.0
             results[backend] = r
             log(f"final_kv_eval_exact backend:{backend} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} "
                 f"delta_vs_exact:{r['delta_vs_exact']:+.8f} tok_s:{r['tok_s']:.1f} batch:{r['batch']} "

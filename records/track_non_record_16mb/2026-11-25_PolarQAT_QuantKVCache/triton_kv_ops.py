@@ -13,6 +13,7 @@ step can be captured in a CUDA graph:
                                  query's sketch in int8 steps, a SketchedQuery)
     attend(q) -> out             all query heads of each KV head at once (GQA, no repeated K/V); a plain
                                  q (B, Hq, D) is accepted by every backend
+    as_query(q)                  a plain q in the form prologue returns it (for benchmarks and tests)
     bytes_per_token()            logical packed bytes of one token's K and V (all KV heads, one layer)
     tensor_bytes()               bytes the buffers hold
 The module also holds the rest of the decode step's kernels (residual + RMSNorm, small-batch linear,
@@ -91,11 +92,18 @@ def unpack_signs(p: Tensor) -> Tensor:
     return bits.reshape(*p.shape[:-1], -1).float() * 2 - 1
 
 
+def sketched_query_codes(sq: Tensor) -> tuple[Tensor, Tensor]:
+    """S q (..., m) -> int8 codes (..., m) and steps (...,): S q rounded to steps of max|S q| / 127 per query head,
+    as the QJL kernel's integer tensor-core dot takes it."""
+    step = sq.abs().amax(-1).clamp_min(1e-30) / 127
+    return torch.floor(sq / step[..., None] + 0.5).to(torch.int8), step
+
+
 def quantize_sketched_query(sq: Tensor) -> Tensor:
-    """S q (..., m) -> the same rounded to int8 steps of max|S q| / 127 per query head, as the QJL kernel's
-    integer tensor-core dot takes it. Adds under 1% to the estimator's own noise (std 0.007 of it at m = 256)."""
-    scale = sq.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
-    return torch.floor(sq / scale + 0.5) * scale
+    """S q as the QJL kernel scores it (sketched_query_codes, dequantized). Adds under 1% to the estimator's own
+    noise (std 0.007 of it at m = 256)."""
+    codes, step = sketched_query_codes(sq)
+    return codes.float() * step[..., None]
 
 
 def sign_table(device) -> Tensor:
@@ -114,10 +122,9 @@ def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
 
 
 def qjl_sketch(head_dim: int, m: int, seed: int, device) -> Tensor:
-    """Gaussian (m, head_dim) rounded to fp16 values: the caches store it in fp16, and the kernels'
-    tensor-core dots take it exactly."""
+    """Gaussian (m, head_dim) in fp16: the caches store it so, and the kernels' tensor-core dots take it exactly."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, head_dim, generator=gen).half().float().to(device)
+    return torch.randn(m, head_dim, generator=gen).half().to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -192,6 +199,10 @@ class KVCache:
         q, k, v = split_qkv(qkv, self.q_heads, self.heads, self.head_dim)
         q, k = norm_rotate(q, k, positions, inv_freq, q_gain)
         self.append(k, v, positions)
+        return q
+
+    def as_query(self, q: Tensor) -> Tensor:
+        """A plain q (B, Hq, D) in the form this backend's prologue hands to attend (benchmarks time that form)."""
         return q
 
     def attend(self, q: Tensor) -> Tensor:
@@ -290,7 +301,7 @@ class QJLCache(KVCache):
 
     def allocate(self):
         m, g = self.cfg.qjl_dim, self.head_dim // self.cfg.group_size
-        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device).half()
+        self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device)
         self.signs = sign_table(self.device)
         self.extra_bytes = self.sketch.numel() * 2 + self.signs.numel()
         self.buffer("k_bits", m // 8, dtype=torch.uint8)
@@ -348,35 +359,53 @@ class QJLRecentKCache(QJLCache):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels. Key modes: 0 = int8 groups, 1 = QJL sign bits. Values: int8 or 4-bit groups.
+# Triton kernels. Key modes: 0 = int8 groups, 1 = QJL sign bits, 2 = the cache's dtype (exact).
+# Value bits: 8 or 4 (groups with fp16 scales), or 0 (the cache's dtype).
 # -----------------------------------------------------------------------------
 
-KEY_INT8, KEY_QJL = 0, 1
+KEY_INT8, KEY_QJL, KEY_EXACT = 0, 1, 2
 
 if triton is not None:
 
     @triton.jit
-    def _store_rows_group_quantized(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
-        """x (R, D) fp32 rows -> symmetric codes (round half up) and fp16 scales per GROUP channels, stored at
-        the rows' cache entries (R,) where live (R,) is set."""
+    def _store_rows(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
+        """x (R, D) fp32 rows stored at the rows' cache entries (R,) where live (R,) is set: as symmetric codes
+        (round half up) of BITS bits with fp16 scales per GROUP channels, or with BITS = 0 in q_ptr's dtype."""
         R: tl.constexpr = x.shape[0]
         D: tl.constexpr = x.shape[1]
-        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-        xg = tl.reshape(x, (R, D // GROUP, GROUP))
-        scale = tl.maximum(tl.max(tl.abs(xg), axis=2) / QMAX, 2.0 ** -24).to(tl.float16).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.floor(xg / scale[:, :, None] + 0.5), -QMAX), QMAX)
-        q = tl.reshape(q, (R, D))
-        width: tl.constexpr = D if BITS == 8 else D // 2
+        width: tl.constexpr = D // 2 if BITS == 4 else D
         offs = tl.arange(0, width)
         mask = live[:, None] & (offs < width)[None, :]
-        if BITS == 8:
-            tl.store(q_ptr + entry[:, None] * D + offs[None, :], q.to(tl.int8), mask=mask)
+        if BITS == 0:
+            tl.store(q_ptr + entry[:, None] * D + offs[None, :], x.to(q_ptr.dtype.element_ty), mask=mask)
         else:
-            lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (R, D // 2, 2)))
-            tl.store(q_ptr + entry[:, None] * width + offs[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mask)
-        offs_g = tl.arange(0, D // GROUP)
-        tl.store(s_ptr + entry[:, None] * (D // GROUP) + offs_g[None, :], scale.to(tl.float16),
-                 mask=live[:, None] & (offs_g < D // GROUP)[None, :])
+            QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+            xg = tl.reshape(x, (R, D // GROUP, GROUP))
+            scale = tl.maximum(tl.max(tl.abs(xg), axis=2) / QMAX, 2.0 ** -24).to(tl.float16).to(tl.float32)
+            q = tl.reshape(tl.minimum(tl.maximum(tl.floor(xg / scale[:, :, None] + 0.5), -QMAX), QMAX), (R, D))
+            if BITS == 8:
+                tl.store(q_ptr + entry[:, None] * D + offs[None, :], q.to(tl.int8), mask=mask)
+            else:
+                lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (R, D // 2, 2)))
+                tl.store(q_ptr + entry[:, None] * width + offs[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mask)
+            offs_g = tl.arange(0, D // GROUP)
+            tl.store(s_ptr + entry[:, None] * (D // GROUP) + offs_g[None, :], scale.to(tl.float16),
+                     mask=live[:, None] & (offs_g < D // GROUP)[None, :])
+
+    @triton.jit
+    def _sketch(x, sketch_ptr, M: tl.constexpr):
+        """x (R, D) fp32 rows -> S x (R, M) fp32 by two fp16 tensor-core dots (x split into its fp16 high and
+        low parts) against the sketch S (M, D), fp16 and small (it stays in L2): about fp32 accuracy."""
+        D: tl.constexpr = x.shape[1]
+        sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]))
+        high = x.to(tl.float16)
+        return tl.dot(high, sketch) + tl.dot((x - high.to(tl.float32)).to(tl.float16), sketch)
+
+    @triton.jit
+    def _int8_steps(sx):
+        """S q (R, M) -> int8 codes and each row's step, max|S q| / 127 (quantize_sketched_query's rounding)."""
+        step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
+        return tl.floor(sx / step[:, None] + 0.5).to(tl.int8), step
 
     @triton.jit
     def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, q_step_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
@@ -415,32 +444,30 @@ if triton is not None:
             x = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
             x = x * tl.load(gain_ptr + q_head, mask=is_query, other=1.0).to(tl.float32)[:, None]
         entry = (b * H + k_head) * CAP + slot
-        if KEY_MODE == 0:
-            _store_rows_group_quantized(x, kq_ptr, ks_ptr, entry, is_key, GROUP, 8)
+        if KEY_MODE != 1:
+            _store_rows(x, kq_ptr, ks_ptr, entry, is_key, GROUP, 8 if KEY_MODE == 0 else 0)
             if PROLOGUE:
                 tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
                          mask=is_query[:, None])
         else:
-            sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs[None, :]))
-            x_high = x.to(tl.float16)
-            sx = tl.dot(x_high, sketch) + tl.dot((x - x_high.to(tl.float32)).to(tl.float16), sketch)  # ~fp32
+            sx = _sketch(x, sketch_ptr, M)
             bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
             offs_b = tl.arange(0, M // 8)
             tl.store(kq_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
             tl.store(ks_ptr + entry, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=is_key)
             if PROLOGUE:
-                step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
+                codes, step = _int8_steps(sx)
                 offs_m = tl.arange(0, M)
-                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :],
-                         tl.floor(sx / step[:, None] + 0.5).to(tl.int8), mask=is_query[:, None] & (offs_m < M)[None, :])
+                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :], codes,
+                         mask=is_query[:, None] & (offs_m < M)[None, :])
                 tl.store(q_step_ptr + b * HQ + q_head, step, mask=is_query)
         in_group = tl.arange(0, BLOCK_V) < HG
         v_head = h0 + tl.arange(0, BLOCK_V)
         v = tl.load(v_ptr + b * row_stride + v_head[:, None] * D + offs[None, :], mask=in_group[:, None],
                     other=0).to(tl.float32)
         v_live = in_group & (v_head * 0 + pos >= 0)
-        _store_rows_group_quantized(v, vq_ptr, vs_ptr, (b * H + v_head) * CAP + slot, v_live, GROUP, VBITS)
+        _store_rows(v, vq_ptr, vs_ptr, (b * H + v_head) * CAP + slot, v_live, GROUP, VBITS)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
 
     @triton.jit
@@ -464,33 +491,64 @@ if triton is not None:
     def _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr,
                     GROUP: tl.constexpr, M: tl.constexpr):
         """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
-        dots. int8 keys: fp16 operands. QJL: q is the sketched query in int8 steps (BLOCK_H, M), and each byte
-        of sign bits is one 8-byte load from the sign table (L1-resident), an integer dot; scores come out
-        in units of the query's step."""
-        if KEY_MODE == 0:
+        dots. int8 keys: q is fp16 (BLOCK_H, D); exact keys: q in the keys' dtype. QJL: q is the sketched query
+        in int8 steps as a pair of (BLOCK_H, M // 2) halves (_nibble_halves), the coordinates under the low and
+        under the high nibble of each byte of sign bits; each nibble is one 4-byte load from the 64-byte sign
+        table (L1-resident), and each half one integer dot. QJL scores come out in units of the query's step."""
+        if KEY_MODE != 1:
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-            return tl.dot(q, tl.trans(_scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)))
+            if KEY_MODE == 0:
+                k = _scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)
+            return tl.dot(q, tl.trans(k))
         else:
+            q_low, q_high = q
             byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
-            nibble = (byte[:, :, None] >> (4 * tl.arange(0, 2))[None, None, :]) & 15
-            sign = tl.load(signs_ptr + nibble[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :])
-            sign = tl.reshape(sign, (byte.shape[0], M))
+            lane = tl.arange(0, 4)[None, None, :]
+            low = tl.reshape(tl.load(signs_ptr + (byte & 15)[:, :, None] * 4 + lane), (byte.shape[0], M // 2))
+            high = tl.reshape(tl.load(signs_ptr + (byte >> 4)[:, :, None] * 4 + lane), (byte.shape[0], M // 2))
+            score = tl.dot(q_low, tl.trans(low)) + tl.dot(q_high, tl.trans(high))
             norm = tl.load(ks_ptr + entry, mask=nmask, other=0).to(tl.float32)
-            return tl.dot(q, tl.trans(sign)).to(tl.float32) * (norm[None, :] * (1.2533141373155003 / M))
+            return score.to(tl.float32) * (norm[None, :] * (1.2533141373155003 / M))
 
     @triton.jit
-    def _values(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
-        """A block of cached values (BLOCK_N, D) decoded in registers, fp16."""
-        if VBITS == 8:
-            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None],
-                        other=0).to(tl.float16)
-        else:
+    def _value_halves(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
+        """A block of cached values decoded in registers as its even and its odd channels, two (BLOCK_N, D // 2)
+        fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
+        interleaves them back (that went through shared memory); each tile feeds its own dot."""
+        N: tl.constexpr = entry.shape[0]
+        if VBITS == 4:
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
-            nibbles = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], D))
-            v = _fp16_bits(nibbles | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
-        return _scale_groups(v, vs_ptr, entry, nmask, GROUP)
+            even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
+            odd = _fp16_bits((byte >> 4) | FP16_1024) - 1032.0
+        else:
+            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+            even, odd = tl.split(tl.reshape(v.to(tl.float16), (N, D // 2, 2)))
+        if VBITS != 0:
+            scale = tl.load(vs_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :],
+                            mask=nmask[:, None], other=0)[:, :, None]  # channels 2i and 2i + 1: group 2i // GROUP
+            shape: tl.constexpr = (N, D // GROUP, GROUP // 2)
+            even = tl.reshape(tl.reshape(even, shape) * scale, (N, D // 2))
+            odd = tl.reshape(tl.reshape(odd, shape) * scale, (N, D // 2))
+        return even, odd
+
+    @triton.jit
+    def _nibble_halves(codes):
+        """Sketch coordinates (R, M) -> those under the low and those under the high nibble of each byte of packed
+        sign bits (bit j of byte i is coordinate 8i + j), each (R, M // 2) in the order the key decoder emits them."""
+        R: tl.constexpr = codes.shape[0]
+        M: tl.constexpr = codes.shape[1]
+        low, high = tl.split(tl.permute(tl.reshape(codes, (R, M // 8, 2, 4)), (0, 1, 3, 2)))
+        return tl.reshape(low, (R, M // 2)), tl.reshape(high, (R, M // 2))
+
+    @triton.jit
+    def _store_even_odd(row_ptrs, even, odd, mask):
+        """Rows of even and odd channels (R, D // 2), fp32, stored at row_ptrs (R, 1) in the pointee's dtype."""
+        channel = 2 * tl.arange(0, even.shape[1])[None, :]
+        ty = row_ptrs.dtype.element_ty
+        tl.store(row_ptrs + channel, even.to(ty), mask=mask)
+        tl.store(row_ptrs + channel + 1, odd.to(ty), mask=mask)
 
     @triton.jit
     def _merge_splits(mid_o_ptr, mid_lse_ptr, parts, D: tl.constexpr, NSPLIT: tl.constexpr):
@@ -524,23 +582,21 @@ if triton is not None:
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
         if SKETCHED:
-            offs_m = tl.arange(0, M)
-            q = tl.load(q_ptr + heads[:, None] * M + offs_m[None, :], mask=hmask[:, None], other=0)
+            q = tl.load(q_ptr + heads[:, None] * M + tl.arange(0, M)[None, :], mask=hmask[:, None], other=0)
             score_scale = tl.load(q_step_ptr + heads, mask=hmask, other=0) * sm_scale
         else:
             q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
-            q = q_in.to(tl.float16)
+            q = q_in.to(tl.float16 if KEY_MODE == 0 else kq_ptr.dtype.element_ty)
             score_scale = tl.full((BLOCK_H,), sm_scale, tl.float32)
-            if KEY_MODE == 1:  # sketch the query here (S (M, D) is small and stays in L2), round it to int8 steps
-                sketch = tl.trans(tl.load(sketch_ptr + tl.arange(0, M)[:, None] * D + offs_d[None, :]))
-                q_low = (q_in - q.to(tl.float32)).to(tl.float16)  # q + q_low in fp16: the sketch to ~fp32 accuracy
-                sq = tl.dot(q, sketch) + tl.dot(q_low, sketch)
-                step = tl.maximum(tl.max(tl.abs(sq), axis=1), 1e-30) / 127.0
-                q = tl.floor(sq / step[:, None] + 0.5).to(tl.int8)
+            if KEY_MODE == 1:  # a plain query: sketch it here, in int8 steps
+                q, step = _int8_steps(_sketch(q_in, sketch_ptr, M))
                 score_scale = step * sm_scale
+        if KEY_MODE == 1:
+            q = _nibble_halves(q)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
-        acc = tl.zeros((BLOCK_H, D), tl.float32)
+        acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
+        acc_odd = tl.zeros((BLOCK_H, D // 2), tl.float32)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
@@ -550,23 +606,27 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), _values(vq_ptr, vs_ptr, entry, nmask, D, GROUP, VBITS))
+            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, D, GROUP, VBITS)
+            p16 = p.to(tl.float16)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         filled = l_i > 0
-        out = acc / tl.where(filled, l_i, 1.0)[:, None]
-        out_ptrs = out_ptr + heads[:, None] * D + offs_d[None, :]
+        l_safe = tl.where(filled, l_i, 1.0)
+        denom = l_safe[:, None]
         if NSPLIT == 1:
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+            _store_even_odd(out_ptr + heads[:, None] * D, acc_even / denom, acc_odd / denom, hmask[:, None])
         else:
-            lse = tl.where(filled, m_i + tl.log(tl.where(filled, l_i, 1.0)), float("-inf"))
+            lse = tl.where(filled, m_i + tl.log(l_safe), float("-inf"))
             parts = heads * NSPLIT
-            tl.store(mid_o_ptr + (parts + sp)[:, None] * D + offs_d[None, :], out, mask=hmask[:, None])
+            _store_even_odd(mid_o_ptr + (parts + sp)[:, None] * D, acc_even / denom, acc_odd / denom, hmask[:, None])
             tl.store(mid_lse_ptr + parts + sp, lse, mask=hmask)
             counter = count_ptr + b * H + h
             if tl.atomic_add(counter, 1, sem="acq_rel") == NSPLIT - 1:  # every other split has stored its part
                 merged = _merge_splits(mid_o_ptr, mid_lse_ptr, tl.where(hmask, parts, 0), D, NSPLIT)
-                tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+                tl.store(out_ptr + heads[:, None] * D + offs_d[None, :], merged.to(out_ptr.dtype.element_ty),
+                         mask=hmask[:, None])
                 tl.atomic_xchg(counter, 0)  # ready for the next step (and the next graph replay)
 
 
@@ -588,7 +648,8 @@ def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per
 # and regime, from the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs
 # than SMs is latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks, and a register
 # cap where more programs per SM hide more latency than the spills cost.
-LAUNCH_SETTINGS = {(KEY_INT8, "latency"): (64, 4, 2, 4, None), (KEY_INT8, "bandwidth"): (128, 2, 2, 4, None),
+LAUNCH_SETTINGS = {(KEY_EXACT, "latency"): (64, 4, 1, 8, None), (KEY_EXACT, "bandwidth"): (64, 2, 1, 8, None),
+                   (KEY_INT8, "latency"): (64, 4, 3, 4, None), (KEY_INT8, "bandwidth"): (64, 2, 3, 8, 128),
                    (KEY_QJL, "latency"): (64, 8, 1, 8, None), (KEY_QJL, "bandwidth"): (128, 4, 1, 8, 128)}
 
 
@@ -607,19 +668,23 @@ class TritonAttendMixin:
     """append / prologue / attend through the Triton kernels over the reference backend's own buffers."""
 
     key_mode: int
-    settings: tuple[int, int, int, int, int | None] | None = None  # set on an instance to override LAUNCH_SETTINGS
-    # KV heads per write program: with few rows one each, for latency; with many, all of a row's heads, so the
-    # QJL sketch loads once per row. Set on an instance to override.
+    # Overrides, set on an instance before its first call (both are planned once, in _plan): the attention
+    # launch settings (else LAUNCH_SETTINGS), and the KV heads per write program (else one each in the latency
+    # regime, and all of a row's heads in the bandwidth regime, so the QJL sketch loads once per row).
+    settings: tuple[int, int, int, int, int | None] | None = None
     write_group: int | None = None
+
+    def bandwidth_bound(self) -> bool:
+        """At least as many (row, KV head) pairs as SMs: the bandwidth regime; fewer: latency."""
+        return self.batch * self.heads >= sm_count(self.device)
 
     def launch_settings(self) -> tuple[int, int, int, int, int | None]:
         if self.settings is not None:
             return self.settings
-        regime = "bandwidth" if self.batch * self.heads >= sm_count(self.device) else "latency"
-        return LAUNCH_SETTINGS[(self.key_mode, regime)]
+        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.bandwidth_bound() else "latency")]
 
     def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor if unused)."""
+        """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor where unused)."""
         raise NotImplementedError
 
     def key_table(self) -> Tensor:
@@ -632,6 +697,8 @@ class TritonAttendMixin:
     def _plan(self):
         if not hasattr(self, "splits"):
             self.block_n, self.num_warps, self.num_stages, programs_per_sm, self.max_registers = self.launch_settings()
+            self.heads_per_write = self.write_group or (self.heads if self.bandwidth_bound() else 1)
+            self.write_warps = 2 if self.bandwidth_bound() else 4  # QJL prologue, batch 512: 8.3 against 11.9 us
             self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, programs_per_sm,
                                                  self.device)
             parts = self.batch * self.q_heads * self.splits
@@ -645,8 +712,9 @@ class TritonAttendMixin:
 
     def _write(self, x: Tensor, v: Tensor, positions: Tensor, q: Tensor | SketchedQuery | None = None,
                inv_freq: Tensor | None = None, q_gain: Tensor | None = None) -> None:
+        self._plan()
         q_out, q_step = query_tensors(x if q is None else q)
-        group = self.write_group or (self.heads if self.batch * self.heads >= sm_count(self.device) else 1)
+        group = self.heads_per_write
         rows = (group * self.q_heads // self.heads if q is not None else 0) + group
         _kv_write_kernel[(self.batch, self.heads // group)](
             x, v, q_out, q_step, positions, positions.stride(0), self.lengths, x if inv_freq is None else inv_freq,
@@ -654,7 +722,7 @@ class TritonAttendMixin:
             torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads, H=self.heads, HG=group,
             BLOCK_R=max(16 if self.key_mode == KEY_QJL else 1, triton.next_power_of_2(rows)),  # 16: a dot's rows
             BLOCK_V=triton.next_power_of_2(group), KEY_MODE=self.key_mode, D=self.head_dim,
-            GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim)
+            GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim, num_warps=self.write_warps)
 
     def append(self, k, v, positions):
         b = self.batch
@@ -680,6 +748,22 @@ class TritonAttendMixin:
         return out
 
 
+class ExactTritonCache(TritonAttendMixin, ExactCache):
+    """The exact cache through the Triton kernels: the exact reference of a long eval at the quantized backends'
+    speed (the torch reference attends over the whole buffer)."""
+
+    key_mode = KEY_EXACT
+
+    def kernel_buffers(self):
+        return self.k, self.k, self.v, self.v, self.k
+
+    def key_table(self):
+        return self.k
+
+    def value_bits(self):
+        return 0
+
+
 class Int8TritonCache(TritonAttendMixin, Int8Cache):
     key_mode = KEY_INT8
 
@@ -702,6 +786,9 @@ class QJLTritonCache(TritonAttendMixin, QJLCache):
     def key_table(self):
         return self.signs
 
+    def as_query(self, q):
+        return SketchedQuery(*sketched_query_codes(q.float() @ self.sketch.float().T))
+
     def empty_query(self, dtype):
         b, h = self.batch, self.q_heads
         return SketchedQuery(torch.empty(b, h, self.cfg.qjl_dim, device=self.device, dtype=torch.int8),
@@ -713,13 +800,20 @@ class QJLTritonCache(TritonAttendMixin, QJLCache):
 
 KV_BACKENDS: dict[str, type[KVCache]] = {
     "bf16": ExactCache,
+    "bf16_triton": ExactTritonCache,
     "int8": Int8Cache,
     "int8_triton": Int8TritonCache,
     "qjl": QJLCache,
     "qjl_triton": QJLTritonCache,
     "qjl_recentk": QJLRecentKCache,
 }
-TORCH_REFERENCE = {"int8_triton": "int8", "qjl_triton": "qjl"}
+TORCH_REFERENCE = {"bf16_triton": "bf16", "int8_triton": "int8", "qjl_triton": "qjl"}
+
+
+def exact_backend(device) -> str:
+    """The exact reference an eval scores first: on CUDA the Triton kernels, whose attention reads only the filled
+    length (the torch reference attends over the whole buffer: too slow for a whole validation split)."""
+    return "bf16_triton" if use_decode_kernels(torch.device(device)) else "bf16"
 
 
 def make_kv_cache(name: str, *args, **kwargs) -> KVCache:
