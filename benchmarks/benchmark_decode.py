@@ -2,7 +2,7 @@
 (validation windows tiled to fill the largest batch), through the same driver as the final eval.
 Without an artifact: a randomly initialized challenge-size model (throughput only; its bpb means nothing).
 
-    python benchmarks/benchmark_decode.py --artifact final_model.polar.ptz --data-path DIR --batches 1,64,256,512
+    python benchmarks/benchmark_decode.py --artifact final_model.polar.ptz --data-path DIR --batches 1,64,256,512,1024,2048
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--data-path", required=True)
     p.add_argument("--tokenizer", default="data/tokenizers/fineweb_1024_bpe.model")
     p.add_argument("--backends", default="bf16_triton,int8_triton,qjl_triton")
-    p.add_argument("--batches", default="1,64,256,512")
+    p.add_argument("--batches", default="1,64,256,512,1024,2048")
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
     p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "
                    "at this batch, mid-window, of the first backend (torch.profiler)")

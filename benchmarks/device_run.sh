@@ -49,7 +49,7 @@ for stage in ${STAGES:-kv baseline int8}; do
     decode)
       art=${ART:-/tmp/runs/int8/final_model.int8.ptz}; [ -f "$art" ] || art=""  # none: a random model, throughput only
       timeout 300 python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path $DATA \
-              --batches ${DECODE_BATCHES:-1,64,256,512,1024,2048} --out /tmp/runs/decode_bench.json 2>&1 \
+              ${DECODE_BATCHES:+--batches $DECODE_BATCHES} --out /tmp/runs/decode_bench.json 2>&1 \
               | grep -E "batch|Error" | tee -a "$OUT/summary.txt" ;;
     isolation) (cd /tmp && timeout 120 python3 $ROOT/artifact_isolation_check.py ${ART:-/tmp/runs/int8/final_model.int8.ptz} \
               --data-path $DATA --tokenizer $ROOT/data/tokenizers/fineweb_1024_bpe.model --steps 1024 \
