@@ -10,6 +10,7 @@ import triton_kv_ops as kv
 
 CFG = kv.KVConfig(group_size=32, qjl_dim=128, value_bits=4, seed=3)
 FP16_DOT = dict(rtol=2e-3, atol=2e-3)  # the kernels' dot operands are fp16 (rounding 2^-11), accumulation fp32
+TRITON_BACKENDS = list(kv.TORCH_REFERENCE)  # every Triton backend, each tested against its torch reference
 
 
 def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
@@ -24,7 +25,7 @@ def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
     return cache
 
 
-@pytest.mark.parametrize("name", ["bf16_triton", "int8_triton", "qjl_triton"])
+@pytest.mark.parametrize("name", TRITON_BACKENDS)
 @pytest.mark.parametrize("regime", ["latency", "bandwidth"])
 @pytest.mark.parametrize("lengths, g, d", [([37, 1, 0], 2, 64), ([70], 1, 64), ([5, 129], 4, 128), ([0], 4, 64)])
 def test_triton_attend_matches_reference(name, regime, lengths, g, d):
@@ -133,7 +134,7 @@ def test_unknown_backend_lists_the_valid_ones():
         kv.make_kv_cache("fp4", 1, 1, 1, 8, 64, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("name", ["bf16_triton", "int8_triton", "qjl_triton"])
+@pytest.mark.parametrize("name", TRITON_BACKENDS)
 def test_triton_append_accepts_broadcast_positions(name):
     """The decoder passes one device step counter expanded over the batch (stride 0)."""
     ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 16, 64, "cpu", torch.float32, CFG)
