@@ -3,7 +3,7 @@ training state), rebuild the model, confirm the reload reproduces the state hash
 export, score a validation slice, greedy-decode a continuation of a prompt, and profile N
 autoregressive steps through a KV cache (allocator growth in steady state, peak memory).
 
-    python artifact_isolation_check.py final_model.polar.ptz --data-path DIR --steps 512 --out report.json
+    python artifact_isolation_check.py final_model.polar.ptz --data-path DIR --steps 512   # -> final_model.polar.ptz.isolation.json
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,8 +32,9 @@ def main() -> None:
     p.add_argument("--generate", type=int, default=32)
     p.add_argument("--steps", type=int, default=512, help="autoregressive steps to profile")
     p.add_argument("--backend", default="int8_triton" if torch.cuda.is_available() else "int8")
-    p.add_argument("--out", type=Path, default=Path("isolation_report.json"))
+    p.add_argument("--out", type=Path, help="the JSON report (default: beside the artifact, ARTIFACT.isolation.json)")
     a = p.parse_args()
+    a.out = a.out or a.artifact.with_name(a.artifact.name + ".isolation.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     t0 = time.perf_counter()
@@ -51,6 +53,8 @@ def main() -> None:
     luts = tg.ByteLUTs.build(sp, device)
     with torch.no_grad():
         val_loss, val_bpb = tg.eval_teacher_forced(args, model, tg.Dist(device=device), val, luts, 8)
+    if not math.isfinite(val_loss):
+        raise SystemExit(f"the artifact scores val_loss {val_loss} on {val.numel() - 1} validation tokens: not a usable model")
 
     attn = model.blocks[0].attn
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

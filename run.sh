@@ -13,14 +13,13 @@ if [ "$mode" = auto ]; then
   if ls "$FINEWEB"/fineweb_val_*.bin >/dev/null 2>&1; then mode=challenge; else mode=sample; fi
 fi
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-triton_kv=$([ "$gpus" -gt 0 ] && echo int8_triton || echo int8)
 qjl_kv=$([ "$gpus" -gt 0 ] && echo qjl_triton || echo qjl)
 
 record_env() {  # the submission's configuration: polar QAT + polar export, bytes spent on depth
   export NUM_LAYERS=${NUM_LAYERS:-16} QAT_SCHEME=${QAT_SCHEME:-polar} WEIGHT_QUANT_SCHEME=${WEIGHT_QUANT_SCHEME:-polar} \
     QAT_START_FRAC=${QAT_START_FRAC:-0.5} POLAR_BITS=${POLAR_BITS:-4,3,3,3,4} POLAR_EMBED_BITS=${POLAR_EMBED_BITS:-5,4,4,4,5} \
-    KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-$triton_kv} KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$qjl_kv} \
-    KV_EVAL_BATCH=${KV_EVAL_BATCH:-1024} DATA_PATH=$FINEWEB
+    KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-auto} KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$qjl_kv} \
+    KV_EVAL_BATCH=${KV_EVAL_BATCH:-1024} EVAL_STRIDE=${EVAL_STRIDE:-64} DATA_PATH=$FINEWEB
 }
 
 case $mode in
@@ -33,18 +32,18 @@ case $mode in
     export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-60} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
     python3 train_gpt.py ;;
   sample)
-    SAMPLE=./data/datasets/sample_sp1024
-    if [ ! -f $SAMPLE/fineweb_val_000000.bin ]; then
-      python3 data/build_shards.py --input data/sample/fineweb_edu_sample.txt --docs file --val-fraction 0.15 --out $SAMPLE
+    SAMPLE=${DATA_PATH_SAMPLE:-./data/datasets/sample_sp1024}
+    if [ ! -f "$SAMPLE/fineweb_val_000000.bin" ] || ! ls "$SAMPLE"/fineweb_train_*.bin >/dev/null 2>&1; then
+      python3 data/build_shards.py --input data/sample/fineweb_edu_sample.txt --docs file --val-fraction 0.15 --out "$SAMPLE"
     fi
-    export DATA_PATH=${DATA_PATH_SAMPLE:-$SAMPLE} NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} \
+    export DATA_PATH=$SAMPLE NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} \
       NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2} TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} \
       TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-8192} ITERATIONS=${ITERATIONS:-150} WARMUP_STEPS=${WARMUP_STEPS:-0} \
       WARMDOWN_ITERS=${WARMDOWN_ITERS:-50} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-240} \
       VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-50} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} KV_GROUP_SIZE=${KV_GROUP_SIZE:-32} \
       QAT_SCHEME=${QAT_SCHEME:-polar} WEIGHT_QUANT_SCHEME=${WEIGHT_QUANT_SCHEME:-polar} \
-      KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-$triton_kv} KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$qjl_kv,qjl_recentk} \
-      KV_EVAL_BATCH=${KV_EVAL_BATCH:-64} KV_EVAL_MAX_TOKENS=${KV_EVAL_MAX_TOKENS:-16384}
+      KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-auto} KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$qjl_kv,qjl_recentk} \
+      KV_EVAL_BATCH=${KV_EVAL_BATCH:-64} KV_EVAL_MAX_TOKENS=${KV_EVAL_MAX_TOKENS:-16384} EVAL_STRIDE=${EVAL_STRIDE:-64}
     python3 train_gpt.py ;;
   *) echo "usage: ./run.sh [challenge|smoke|sample]" >&2; exit 2 ;;
 esac

@@ -30,6 +30,7 @@ tensor-core dot of the sketched query (int8 steps) against signs looked up 4 at 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -816,12 +817,32 @@ def exact_backend(device) -> str:
     return "bf16_triton" if use_decode_kernels(torch.device(device)) else "bf16"
 
 
-def make_kv_cache(name: str, *args, **kwargs) -> KVCache:
+def default_backend(device) -> str:
+    """The scored backend where none is named: the Triton int8 cache on CUDA, its torch reference elsewhere."""
+    return "int8_triton" if use_decode_kernels(torch.device(device)) else "int8"
+
+
+def backend_problem(name: str, device) -> str | None:
+    """Why backend `name` cannot run on `device` (a sentence naming the alternative), or None if it can."""
+    if name not in TORCH_REFERENCE:
+        return None
+    ref = TORCH_REFERENCE[name]
+    if triton is None:
+        return f"needs triton, which is not installed; install it, or use {ref} (its torch reference)"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"its Triton kernels need a CUDA GPU and this machine has none; use {ref} (its torch reference), "
+                f"or set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter (slow)")
+    return None
+
+
+def make_kv_cache(name: str, batch: int, num_kv_heads: int, num_q_heads: int, capacity: int, head_dim: int, device,
+                  dtype: torch.dtype, cfg: KVConfig = KVConfig(), layer: int = 0) -> KVCache:
     if name not in KV_BACKENDS:
         raise ValueError(f"KV backend {name!r} is unknown; valid backends: {', '.join(KV_BACKENDS)}")
-    if name in TORCH_REFERENCE and triton is None:
-        raise RuntimeError(f"KV backend {name!r} needs triton; install it or use {TORCH_REFERENCE[name]!r}")
-    return KV_BACKENDS[name](*args, **kwargs)
+    problem = backend_problem(name, device)
+    if problem:
+        raise RuntimeError(f"KV backend {name}: {problem}")
+    return KV_BACKENDS[name](batch, num_kv_heads, num_q_heads, capacity, head_dim, device, dtype, cfg, layer)
 
 
 # -----------------------------------------------------------------------------
@@ -914,20 +935,22 @@ if triton is not None:
         tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=offs < n)
 
     @triton.jit
-    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, weight_ptr, loss_ptr, V, softcap,
+    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, window_ptr, loss_ptr, V, softcap,
                                  BLOCK_V: tl.constexpr):
         """Program per row b at position p = pos[b]: NLL of the softcapped logits at the row's next token
-        rows[b, p + 1], times the row's weight, added to its fp64 loss; then pos[b] = p + 1."""
+        rows[b, p + 1], added to its fp64 loss if p lies in the row's scored window [from, to); then
+        pos[b] = p + 1."""
         b = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + b)
-        target = tl.load(rows_ptr + b * row_len + tl.maximum(pos, 0) + 1)  # inactive rows (p < 0) weigh 0
+        scored = (pos >= tl.load(window_ptr + 2 * b)) & (pos < tl.load(window_ptr + 2 * b + 1))
+        target = tl.load(rows_ptr + b * row_len + tl.minimum(tl.maximum(pos, 0) + 1, row_len - 1))
         offs = tl.arange(0, BLOCK_V)
         z = tl.load(proj_ptr + b * V + offs, mask=offs < V, other=0).to(tl.float32) / softcap
         logit = tl.where(offs < V, softcap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)), float("-inf"))  # softcap*tanh(z)
         top = tl.max(logit, axis=0)
         lse = top + tl.log(tl.sum(tl.exp(logit - top), axis=0))
         nll = lse - tl.sum(tl.where(offs == target, logit, 0.0), axis=0)
-        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + nll.to(tl.float64) * tl.load(weight_ptr + b))
+        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + tl.where(scored, nll.to(tl.float64), 0.0))
         tl.store(pos_ptr + b, pos + 1)
 
 
@@ -981,18 +1004,20 @@ def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor
     return relu_square(y) if relu_square_out else y
 
 
-def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, window: Tensor, loss: Tensor,
                                softcap: float) -> None:
-    """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
-    then every position advances by one."""
-    targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
-    loss += next_token_nll_reference(proj, targets, softcap).double() * weight
+    """loss[b] += NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V) where
+    window[b, 0] <= positions[b] < window[b, 1] (the row's scored positions); then every position advances."""
+    targets = rows.gather(1, (positions.clamp_min(0)[:, None] + 1).clamp_max(rows.shape[1] - 1)).squeeze(1)
+    scored = (positions >= window[:, 0]) & (positions < window[:, 1])
+    loss += torch.where(scored, next_token_nll_reference(proj, targets, softcap).double(), 0.0)
     positions += 1
 
 
-def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, window: Tensor, loss: Tensor,
                             softcap: float) -> None:
-    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
+    assert window.shape == (proj.shape[0], 2) and window.is_contiguous() and rows.stride(1) == 1
+    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), window, loss, proj.shape[1],
                                                softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
 
 

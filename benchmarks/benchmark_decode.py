@@ -1,5 +1,7 @@
-"""Autoregressive decode throughput of a trained artifact per KV backend and batch size
-(validation windows tiled to fill the largest batch), through the same driver as the final eval.
+"""Autoregressive decode throughput of a trained artifact per KV backend and batch size, through the same
+driver as the final eval: windows mode (validation windows tiled to fill the batch, their bpb against
+teacher forcing; a window's cache averages half full) and the ring eval's steady state (every row's cache
+full: C entries, the --steps decode steps after the first C are timed).
 Without an artifact: a randomly initialized challenge-size model (throughput only; its bpb means nothing).
 
     python benchmarks/benchmark_decode.py --artifact final_model.polar.ptz --data-path DIR --batches 1,64,256,512,1024,2048
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,15 +22,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def profile(args, model, val, backend: str, batch: int, device) -> None:
-    """Per-kernel CUDA times of 64 graph replays at `batch`, from the middle of the windows (an average context)."""
-    rows, capacity = tg.ar_eval_rows(args, val, batch)
-    rows = rows.repeat(-(-batch // rows.shape[0]), 1)[:batch]
-    decoder = tg.Decoder(model, backend, batch, rows.shape[1], capacity, args, device, torch.bfloat16, use_graph=True)
+def ring_decoder(args, model, val, backend: str, batch: int, steps: int, device) -> tg.Decoder:
+    """A decoder over `batch` validation streams, its ring caches already full (C steps decoded)."""
+    context = args.kv_eval_context_len or args.train_seq_len
+    length = context + steps
+    tokens = val[:-1].repeat(-(-batch * (length + 1) // (val.numel() - 1)))[:batch * (length + 1)]
+    rows = tokens.reshape(batch, length + 1).to(device)
+    decoder = tg.Decoder(model, backend, batch, length + 1, context, args, device, torch.bfloat16, use_graph=True)
     decoder.rows.copy_(rows)
     decoder._reset(batch)
-    for _ in range(capacity // 2 - 32):
+    decoder.window[:, 1] = length
+    for _ in range(context):
         decoder.graph.replay()
+    torch.cuda.synchronize()
+    assert all(int(c.lengths.min()) == context for c in decoder.caches)
+    return decoder
+
+
+def full_cache_tok_s(args, model, val, backend: str, batch: int, steps: int, device) -> float:
+    decoder = ring_decoder(args, model, val, backend, batch, steps, device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        decoder.graph.replay()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def profile(args, model, val, backend: str, batch: int, device) -> None:
+    """Per-kernel CUDA times of 64 graph replays at `batch`, every cache full (the ring eval's steady state)."""
+    decoder = ring_decoder(args, model, val, backend, batch, 64, device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(64):
             decoder.graph.replay()
@@ -43,6 +66,7 @@ def main() -> None:
     p.add_argument("--backends", default="bf16_triton,int8_triton,qjl_triton")
     p.add_argument("--batches", default="1,64,256,512,1024,2048")
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
+    p.add_argument("--steps", type=int, default=256, help="full-cache decode steps timed per backend and batch")
     p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "
                    "at this batch, mid-window, of the first backend (torch.profiler)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
@@ -76,10 +100,13 @@ def main() -> None:
             if windows not in teacher_forced:  # the same windows scored in one forward pass: the exact reference
                 with torch.no_grad():
                     teacher_forced[windows] = tg.eval_teacher_forced(args, model, tg.Dist(device=device), tokens, luts, 64)[1]
-            r = tg.autoregressive_eval(args, model, tokens, luts, backend, device, print, batch=batch)
+            r = tg.autoregressive_eval(args, model, tg.window_plan(tokens, args.train_seq_len), luts, backend, device,
+                                       print, batch=batch)
             r["teacher_forced_val_bpb"] = teacher_forced[windows]
+            r["full_cache_tok_s"] = full_cache_tok_s(args, model, val, backend, batch, a.steps, device)
             rows.append(r)
-            print(f"{backend:<12} batch {batch:>4}: {r['tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
+            print(f"{backend:<12} batch {batch:>4}: windows {r['tok_s']:>10.0f} tok/s, full cache "
+                  f"{r['full_cache_tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
                   f"(teacher-forced {teacher_forced[windows]:.6f})  peak {r['peak_mem_mib']:.0f} MiB  "
                   f"bytes/token {r['bytes_per_token']}")
     a.out.write_text(json.dumps(rows, indent=2))

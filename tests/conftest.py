@@ -12,6 +12,19 @@ TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE = ROOT / "data" / "sample"
 
 
+@pytest.fixture(autouse=True)
+def seeded_rngs():
+    """Every test draws from freshly seeded generators: its inputs never depend on which tests ran before it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> Path:
     from data.build_shards import build

@@ -32,10 +32,11 @@ def test_exact_backend_reproduces_teacher_forced_score(sample_shards):
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
     tf_loss, tf_bpb = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)
-    ar = tg.autoregressive_eval(args, model, val, luts, "bf16", torch.device("cpu"), print)
+    plan = tg.window_plan(val, args.train_seq_len)
+    ar = tg.autoregressive_eval(args, model, plan, luts, "bf16", torch.device("cpu"), print)
     assert ar["tokens"] == 480 and ar["batch"] == 4  # 10 windows in batches of 4, the last one padded
     assert abs(ar["val_bpb"] - tf_bpb) < 1e-5 and abs(ar["val_loss"] - tf_loss) < 1e-5
-    int8 = tg.autoregressive_eval(args, model, val, luts, "int8", torch.device("cpu"), print)
+    int8 = tg.autoregressive_eval(args, model, plan, luts, "int8", torch.device("cpu"), print)
     assert 0 < abs(int8["val_bpb"] - tf_bpb) < 5e-3
 
 
@@ -59,18 +60,41 @@ def test_sliding_cache_keeps_relative_positions(backend):
 
 
 def test_isolation_check_on_a_tiny_cpu_model(sample_shards, tmp_path):
+    """A fresh process scores the artifact as this one does, decodes what a full forward decodes, writes its
+    report beside the artifact (not into the working folder), and refuses a damaged artifact."""
+    import sentencepiece as spm
+
     args, model = tiny_model(2)
     args.weight_quant_scheme = "polar"
-    artifact = tmp_path / "final_model.polar.ptz"
+    (tmp_path / "run").mkdir()
+    artifact = tmp_path / "run" / "final_model.polar.ptz"
     stats = tg.export_artifact(model.state_dict(), args, artifact)
-    report = tmp_path / "report.json"
-    subprocess.run([sys.executable, str(ROOT / "artifact_isolation_check.py"), str(artifact), "--data-path",
-                    str(sample_shards), "--tokenizer", str(TOKENIZER), "--val-tokens", "512", "--seq-len", "64",
-                    "--steps", "24", "--generate", "8", "--out", str(report)], check=True, cwd=tmp_path,
-                   capture_output=True)
-    r = json.loads(report.read_text())
-    assert r["state_hash"] == stats["state_hash"] and r["val_tokens"] == 512 and r["val_bpb"] > 0
-    assert isinstance(r["continuation"], str) and r["profile_steps"] == 24 and r["cache_tensor_bytes"] > 0
+    cmd = [sys.executable, str(ROOT / "artifact_isolation_check.py"), str(artifact), "--data-path", str(sample_shards),
+           "--tokenizer", str(TOKENIZER), "--val-tokens", "512", "--seq-len", "64", "--steps", "24", "--generate", "8",
+           "--prompt", "The river"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    r = json.loads((tmp_path / "run" / "final_model.polar.ptz.isolation.json").read_text())
+
+    state, _ = tg.load_artifact(artifact)
+    model.load_state_dict(state)
+    args.data_path, args.train_seq_len, args.val_max_tokens = str(sample_shards), 64, 512
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    val = tg.load_validation_tokens(args)
+    here = tg.eval_teacher_forced(args, model, tg.Dist(), val, tg.ByteLUTs.build(sp, torch.device("cpu")), 8)
+    assert r["state_hash"] == stats["state_hash"] and r["val_tokens"] == 512
+    assert r["val_loss"] == pytest.approx(here[0], abs=1e-6) and r["val_bpb"] == pytest.approx(here[1], abs=1e-6)
+    ids = [1] + sp.encode("The river")
+    with torch.no_grad():
+        for _ in range(8):  # greedy, by a full forward over the prefix: not the KV-cache path the check takes
+            ids.append(int(model.forward_logits(torch.tensor([ids]))[0, -1].argmax()))
+    assert r["continuation"] == sp.decode(ids[-8:])
+    assert r["steady_state_allocated_growth_bytes"] == 0 and r["cache_tensor_bytes"] > 0
+
+    blob = artifact.read_bytes()
+    artifact.write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode != 0 and "fails its sha256 checksum" in p.stderr
 
 
 @pytest.mark.parametrize("layers", [1, 2, 5])
@@ -113,36 +137,138 @@ def test_relu_square_kernel_matches_reference():
 
 
 def test_score_next_token_kernel_matches_reference():
-    torch.manual_seed(0)
-    rows = torch.randint(0, 1000, (4, 9))
-    proj, weight = torch.randn(4, 1000) * 40, torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
-    positions = {name: torch.tensor([5, 5, -(1 << 62), 7]) for name in ("kernel", "torch")}
-    loss = {name: torch.full((4,), 2.0, dtype=torch.float64) for name in positions}
+    rows = torch.randint(0, 1000, (5, 9))
+    proj = torch.randn(5, 1000) * 40
+    window = torch.tensor([[0, 9], [6, 9], [0, 0], [0, 8], [0, 8]])  # row 1 in its warmup, row 4 past its end
+    positions = {name: torch.tensor([5, 5, -(1 << 62), 7, 8]) for name in ("kernel", "torch")}
+    loss = {name: torch.full((5,), 2.0, dtype=torch.float64) for name in positions}
     for name, score in (("kernel", tg.kv.score_next_token_triton), ("torch", tg.kv.score_next_token_reference)):
-        score(proj, rows, positions[name], weight, loss[name], 30.0)
+        score(proj, rows, positions[name], window, loss[name], 30.0)
     torch.testing.assert_close(loss["kernel"], loss["torch"], rtol=1e-5, atol=1e-5)
-    assert loss["kernel"][2] == 2.0  # an inactive row adds nothing
-    assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8]
+    nll = tg.kv.next_token_nll_reference(proj, rows[torch.arange(5), torch.tensor([6, 6, 0, 8, 8])], 30.0).double()
+    torch.testing.assert_close(loss["kernel"], torch.tensor([2 + nll[0], 2, 2, 2 + nll[3], 2], dtype=torch.float64))
+    assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8, 9]
 
 
 def test_fused_decoder_matches_the_torch_path(sample_shards, monkeypatch):
     """The whole fused step (residual / scoring kernels, int8_triton prologue + attention, under the
-    interpreter) scores the same as the torch references, padded rows included. (The small-batch linear
-    kernel has its own test: under the interpreter it would take minutes here.)"""
+    interpreter) scores as the torch references do, padded rows included, and the kernels did run. (The
+    small-batch linear kernel has its own test: under the interpreter it would take minutes here.)"""
     import sentencepiece as spm
 
     args, model = tiny_model(4, layers=2)
     args.data_path, args.val_max_tokens, args.kv_eval_batch = str(sample_shards), 48 * 3, 4
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
-    torch_path = tg.autoregressive_eval(args, model, val, luts, "int8", torch.device("cpu"), print)
+    plan = tg.window_plan(val, args.train_seq_len)
+    torch_path = tg.autoregressive_eval(args, model, plan, luts, "int8", torch.device("cpu"), print)
+    teacher_forced = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)[1]
+    launches = {}
+    for name in ("residual_norm_triton", "score_next_token_triton", "relu_square_triton"):
+        def counted(*a, _kernel=getattr(tg.kv, name), _name=name, **k):
+            launches[_name] = launches.get(_name, 0) + 1
+            return _kernel(*a, **k)
+        monkeypatch.setattr(tg.kv, name, counted)
     monkeypatch.setattr(tg.kv, "use_decode_kernels", lambda device: True)
     monkeypatch.setattr(tg.kv, "SMALL_BATCH_ROWS", 0)
-    fused = tg.autoregressive_eval(args, model, val, luts, "int8_triton", torch.device("cpu"), print)
-    assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 2e-3 and fused["tokens"] == torch_path["tokens"] == 144
-    exact = tg.kv.exact_backend(torch.device("cpu"))  # with the kernels on: the Triton exact backend
-    assert exact == "bf16_triton"
-    teacher_forced = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)[1]
-    assert abs(tg.autoregressive_eval(args, model, val, luts, exact, torch.device("cpu"), print)["val_bpb"]
-               - teacher_forced) < 1e-5
+    fused = tg.autoregressive_eval(args, model, plan, luts, "int8_triton", torch.device("cpu"), print)
+    steps = 48  # one batch of 3 windows (padded to 4), 48 decode steps
+    assert launches == {"residual_norm_triton": steps * (2 * 2 + 1), "score_next_token_triton": steps,
+                        "relu_square_triton": steps * 2}
+    assert fused["tokens"] == torch_path["tokens"] == 144
+    assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 1e-4  # same codes; the kernels sum in another order
+    exact = tg.autoregressive_eval(args, model, plan, luts, tg.kv.exact_backend(torch.device("cpu")), torch.device("cpu"),
+                                   print)
+    assert exact["backend"] == "bf16_triton" and abs(exact["val_bpb"] - teacher_forced) < 1e-5
 
+
+def luts_cpu():
+    import sentencepiece as spm
+
+    return tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
+
+
+def brute_force_bpb(model, tokens, luts, context_start) -> float:
+    """Each target t scored by a fresh forward over tokens[context_start(t):t]."""
+    nll = 0.0
+    with torch.no_grad():
+        for t in range(1, tokens.numel()):
+            logits = model.forward_logits(tokens[None, context_start(t):t])[0, -1]
+            nll += float(F.cross_entropy(logits[None], tokens[t:t + 1]))
+    nbytes = float(luts.count(tokens[:-1], tokens[1:]).sum())
+    return tg.bpb(nll, tokens.numel() - 1, nbytes)[1]
+
+
+RING_SHAPES = [(1, 8), (3, 16), (4, 5), (7, 12)]  # (rows B, ring entries C); 101 targets: no B divides them
+
+
+@pytest.mark.parametrize("batch, context", RING_SHAPES)
+def test_ring_eval_scores_each_token_with_a_full_window_one_layer(batch, context):
+    """One layer: a token's cached K/V depend on itself alone, so the ring scores exactly what a fresh forward
+    over each target's previous min(position, C - 1) tokens (and its input) scores."""
+    args, model = tiny_model(5, layers=1)
+    tokens, luts = torch.randint(0, 1024, (102,)), luts_cpu()
+    args.kv_eval_batch = batch
+    plan = tg.ring_plan(tokens, batch, context)
+    ring = tg.autoregressive_eval(args, model, plan, luts, "bf16", torch.device("cpu"), print)
+    assert ring["tokens"] == 101 and plan.scored_bytes(luts) == float(luts.count(tokens[:-1], tokens[1:]).sum())
+    want = brute_force_bpb(model, tokens, luts, lambda t: max(0, t - context))
+    assert abs(ring["val_bpb"] - want) < 1e-5, (ring["val_bpb"], want)
+
+
+@pytest.mark.parametrize("batch, context", RING_SHAPES)
+def test_ring_eval_is_sliding_window_attention_over_each_row(batch, context, monkeypatch):
+    """Three layers: a ring cache holds each layer's K/V as computed when that token was decoded, so a deeper
+    layer sees past the window through the layers below (sliding-window attention, as any bounded KV cache
+    decodes), from its row's start on. The brute force: a fresh forward from the row's start, every layer
+    attending over its last C positions."""
+    args, model = tiny_model(6, layers=3)
+    tokens, luts = torch.randint(0, 1024, (102,)), luts_cpu()
+    args.kv_eval_batch = min(batch, 2)  # two decode batches where B > 2
+    ring = tg.autoregressive_eval(args, model, tg.ring_plan(tokens, batch, context), luts, "bf16", torch.device("cpu"),
+                                  print)
+    sdpa = F.scaled_dot_product_attention
+
+    def banded(q, k, v, is_causal, enable_gqa):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < context)
+        return sdpa(q, k, v, attn_mask=keep, enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", banded)
+    n = tokens.numel() - 1
+
+    def row_start(t):  # target t (input t - 1) lies in span b of the n targets cut into B spans
+        span = next(b for b in range(batch) if n * b // batch <= t - 1 < n * (b + 1) // batch)
+        return max(0, n * span // batch - (context - 1))
+
+    want = brute_force_bpb(model, tokens, luts, row_start)
+    assert abs(ring["val_bpb"] - want) < 1e-5, (ring["val_bpb"], want)
+
+
+@pytest.mark.parametrize("stride, seq", [(1, 16), (5, 16), (16, 16), (7, 48)])
+def test_sliding_window_reference_matches_its_definition(stride, seq):
+    """Windows of `seq` tokens every `stride`: target t is scored by the first window that reaches it, with
+    that window's start as its context start."""
+    args, model = tiny_model(7, layers=2)
+    args.train_seq_len = seq
+    tokens, luts = torch.randint(0, 1024, (102,)), luts_cpu()
+    got = tg.eval_sliding_window(args, model, tg.Dist(), tokens, luts, stride, 3)[1]
+
+    def window_start(t):
+        k = 0 if t <= seq else -(-(t - seq) // stride)
+        return max(0, min(seq + k * stride, 101) - seq)
+
+    assert abs(got - brute_force_bpb(model, tokens, luts, window_start)) < 1e-5
+    if stride == seq:  # non-overlapping windows: the plain eval over the same whole windows
+        whole = tokens[:101 // seq * seq + 1]
+        assert abs(tg.eval_sliding_window(args, model, tg.Dist(), whole, luts, stride, 3)[1]
+                   - tg.eval_teacher_forced(args, model, tg.Dist(), whole, luts, 3)[1]) < 1e-6
+
+
+def test_ar_eval_reports_progress_within_one_batch(monkeypatch):
+    args, model = tiny_model(8, layers=1)
+    monkeypatch.setattr(tg, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    tg.autoregressive_eval(args, model, tg.ring_plan(torch.randint(0, 1024, (41,)), 4, 8), luts_cpu(), "bf16",
+                           torch.device("cpu"), lines.append)
+    assert len(lines) == 17 and lines[-1].startswith("ar_eval_progress backend:bf16 mode:ring scored:40/40 decoded:61/61")

@@ -1,10 +1,13 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import SAMPLE, TOKENIZER
+from conftest import ROOT, SAMPLE, TOKENIZER
 from data.build_shards import write_shard
 
 
@@ -74,3 +77,79 @@ def test_loader_gives_each_rank_its_span(sample_shards):
     first = single.next_batch(128, 64)[0]
     second = single.next_batch(128, 64)[0]
     assert torch.equal(a, first) and torch.equal(b, second)
+
+
+def test_run_sh_sample_rebuilds_a_missing_train_shard(tmp_path):
+    """run.sh sample rebuilds its shards when either split is missing, not only the validation one."""
+    from conftest import tiny_env
+    from data.build_shards import build
+
+    data = tmp_path / "sample_sp1024"
+    build([SAMPLE / "fineweb_edu_sample.txt"], "file", TOKENIZER, data, 0.15, 100_000_000)
+    (data / "fineweb_train_000000.bin").unlink()
+    env = tiny_env(data, tmp_path / "out", ITERATIONS=2, KV_EVAL_MAX_TOKENS=64, QAT_SCHEME="none",
+                   WEIGHT_QUANT_SCHEME="int8", KV_EVAL_COMPARE_BACKENDS="", DATA_PATH_SAMPLE=data)
+    p = subprocess.run(["bash", str(ROOT / "run.sh"), "sample"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"wrote {data}" in p.stdout and (data / "fineweb_train_000000.bin").is_file()
+    assert "final_int8_zlib_roundtrip" in p.stdout
+
+
+def write_docs(path, docs, kind):
+    import gzip
+    import json
+    import lzma
+
+    if kind == "txt":
+        path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+        return
+    text = "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs))
+    opener = {"jsonl": open, "jsonl.gz": gzip.open, "jsonl.xz": lzma.open}[kind]
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+
+
+def shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def sample_docs():
+    lines = [d for d in (SAMPLE / "fineweb_tiny.txt").read_text(encoding="utf-8").splitlines() if d.strip()]
+    assert len(lines) == 10
+    return lines
+
+
+def test_jsonl_plain_and_compressed_give_the_text_path_shards(tmp_path, sample_docs):
+    from data.build_shards import build
+
+    shards = {}
+    for kind, workers in (("txt", 1), ("jsonl", 1), ("jsonl.gz", 2), ("jsonl.xz", 2)):
+        halves = [tmp_path / f"a.{kind}", tmp_path / f"b.{kind}"]
+        write_docs(halves[0], sample_docs[:6], kind)
+        write_docs(halves[1], sample_docs[6:], kind)
+        stats = build(halves, "auto", TOKENIZER, tmp_path / kind, None, 3000, val_tokens=2000, workers=workers)
+        shards[kind] = shard_bytes(tmp_path / kind)
+    assert len(shards["txt"]) >= 3 and all(s == shards["txt"] for s in shards.values())
+    val = tg.read_shard(tmp_path / "txt" / "fineweb_val_000000.bin")
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    tail = [[1] + ids for ids in sp.encode(sample_docs[-stats["val_documents"]:])]
+    assert val.tolist() == [t for ids in tail for t in ids] and len(val) >= 2000  # whole documents, nothing else
+    assert len(val) - len(tail[0]) < 2000  # the last document start that leaves 2,000 tokens
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2: not a JSON object"),
+    ('{"text": "ok"}\n{"title": "no text"}\n', 'bad.jsonl:2: no string "text" field'),
+    ('{"text": 7}\n', 'bad.jsonl:1: no string "text" field'),
+    ('{"text": "ok"}\n\n', "bad.jsonl:2: not a JSON object"),
+])
+def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, message):
+    from data.build_shards import build
+
+    (tmp_path / "bad.jsonl").write_text(line, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        build([tmp_path / "bad.jsonl"], "auto", TOKENIZER, tmp_path / "out", 0.5, 1000)
+    p = subprocess.run([sys.executable, "data/build_shards.py", "--input", str(tmp_path / "bad.jsonl"), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
