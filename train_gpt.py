@@ -99,13 +99,17 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0
     # Weight quantization: QAT in training, the same codec at export.
-    qat_scheme: str = "none"  # none | int8 | polar
+    qat_scheme: str = "none"  # none | int8 | int | polar
     qat_start_frac: float = 0.5
-    weight_quant_scheme: str = "int8"  # int8 | polar
+    weight_quant_scheme: str = "int8"  # int8 (the baseline's) | int (INT_BITS per row) | polar
+    int_bits: int = 6
+    int_embed_bits: int = 8
+    int_rotate: bool = False  # int: code each row after a seeded randomized Hadamard rotation
     polar_bits: str = "4,3,3,3,4"
     polar_embed_bits: str = "5,4,4,4,5"
-    polar_seed: int = 20240520
+    quant_seed: int = 20240520  # the rotations' seed
     compressor: str = "zlib"  # zlib | lzma
+    codec_compare: str = ""  # space-separated codec specs (see CodecSettings.spec) to export and rescore the same weights with
     # Final autoregressive eval through the KV cache (rank 0).
     kv_quant_backend: str = "auto"  # auto: int8_triton on CUDA, int8 elsewhere
     kv_eval_compare_backends: str = ""
@@ -123,8 +127,8 @@ class Hyperparameters:
 
     CHOICES = {
         "compile": ("auto", "0", "1"),
-        "qat_scheme": ("none", "int8", "polar"),
-        "weight_quant_scheme": ("int8", "polar"),
+        "qat_scheme": ("none", "int8", "int", "polar"),
+        "weight_quant_scheme": ("int8", "int", "polar"),
         "compressor": ("zlib", "lzma"),
     }
 
@@ -168,12 +172,19 @@ class Hyperparameters:
         need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
         need(self.kv_qjl_dim % 8 == 0, "kv_qjl_dim", "must be a multiple of 8 (sign bits are packed 8 per byte)")
         need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
+        for name in ("int_bits", "int_embed_bits"):
+            need(2 <= getattr(self, name) <= 8, name, "must be in 2..8")
         for name in ("polar_bits", "polar_embed_bits"):
             try:
                 bits = parse_polar_bits(getattr(self, name))
             except ValueError:
                 bits = ()
             need(bool(bits) and all(1 <= b <= 8 for b in bits), name, "must be comma-separated bits in 1..8, e.g. 4,3,3,2")
+        for spec in self.codec_compare.split():
+            try:
+                CodecSettings.parse(spec, self.quant_seed)
+            except ValueError as e:
+                raise ValueError(f"CODEC_COMPARE={self.codec_compare!r}: {e}") from None
         for var, name in self.named_backends():
             if name not in kv.KV_BACKENDS and not (var == "KV_QUANT_BACKEND" and name == "auto"):
                 raise ValueError(f"{var}: KV backend {name!r} is unknown; valid backends: auto (KV_QUANT_BACKEND "
@@ -210,6 +221,15 @@ class Hyperparameters:
         return kv.KVConfig(group_size=min(self.kv_group_size, head_dim), qjl_dim=self.kv_qjl_dim,
                            value_bits=self.kv_value_bits, recent_exact_tokens=self.kv_recent_exact_tokens,
                            seed=self.kv_seed)
+
+    def codec_settings(self, scheme: str) -> "CodecSettings":
+        """The weight codec's settings for `scheme` (QAT_SCHEME or WEIGHT_QUANT_SCHEME)."""
+        if scheme == "int":
+            return CodecSettings("int", (self.int_bits,), (self.int_embed_bits,), self.int_rotate, self.quant_seed)
+        if scheme == "polar":
+            return CodecSettings("polar", parse_polar_bits(self.polar_bits), parse_polar_bits(self.polar_embed_bits),
+                                 True, self.quant_seed)
+        return CodecSettings(scheme)
 
     def model_config(self) -> dict:
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
@@ -484,6 +504,72 @@ def fwht(x: Tensor) -> Tensor:
     return x.reshape(shape)
 
 
+def padded_width(cols: int) -> int:
+    return 1 << max(cols - 1, 1).bit_length()
+
+
+@lru_cache(maxsize=None)
+def rotation_signs(seed: int, d: int, device: torch.device) -> Tensor:
+    gen = torch.Generator().manual_seed(seed + d)
+    return (torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1).to(device)
+
+
+def hadamard_rotate(w: Tensor, signs: Tensor) -> Tensor:
+    """Rows zero-padded to d = len(signs), sign-flipped, then the orthonormal Hadamard transform: x = H D w."""
+    d = signs.numel()
+    return fwht(F.pad(w.float(), (0, d - w.shape[1])) * signs) / math.sqrt(d)
+
+
+def hadamard_unrotate(x: Tensor, signs: Tensor, cols: int) -> Tensor:
+    return (fwht(x) / math.sqrt(signs.numel()) * signs)[:, :cols]
+
+
+class IntRowCodec:
+    """Symmetric k-bit codes (k = 2..8) with one fp16 absmax scale per row, optionally of the row after a
+    seeded randomized Hadamard rotation (which spreads outliers, so the absmax scale wastes fewer levels).
+    Codes of 4 bits or fewer are bit-packed; wider ones take a byte each, which the compressor then
+    squeezes toward their entropy (measured on trained-like rows: int6 as bytes 4.4 bits/weight with
+    lzma, bit-packed 5.1)."""
+
+    name = "int"
+
+    def __init__(self, bits: int, rotate: bool, seed: int):
+        self.bits, self.rotate, self.seed = bits, rotate, seed
+        self.qmax = 2 ** (bits - 1) - 1
+
+    def _signs(self, cols: int, device: torch.device) -> Tensor:
+        return rotation_signs(self.seed, padded_width(cols), device)
+
+    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (codes int8 in [-qmax, qmax] (rows, width), scale fp16 (rows,)); width is padded_width if rotated."""
+        x = hadamard_rotate(w, self._signs(w.shape[1], w.device)) if self.rotate else w.float()
+        scale = (x.abs().amax(dim=1) / self.qmax).clamp_min(2.0 ** -24).half()  # the least fp16 above 0
+        return torch.clamp(torch.round(x / scale.float()[:, None]), -self.qmax, self.qmax).to(torch.int8), scale
+
+    def dequantize(self, q: Tensor, scale: Tensor, cols: int) -> Tensor:
+        x = q.float() * scale.float()[:, None]
+        return hadamard_unrotate(x, self._signs(cols, x.device), cols) if self.rotate else x
+
+    def encode(self, w: Tensor) -> dict:
+        q, scale = self.quantize(w)
+        if self.bits <= 4:
+            return {"packed": pack_bits((q.cpu().to(torch.int16) + self.qmax).to(torch.uint8), self.bits),
+                    "scale": scale.cpu()}
+        return {"q": q.cpu(), "scale": scale.cpu()}
+
+    def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
+        rows, cols = shape
+        width = padded_width(cols) if self.rotate else cols
+        q = (enc["q"] if "q" in enc else
+             (unpack_bits(enc["packed"], self.bits, rows * width).to(torch.int16) - self.qmax).reshape(rows, width))
+        return self.dequantize(q, enc["scale"], cols)
+
+    @torch.no_grad()
+    def fake_quant_(self, w: Tensor, out: Tensor) -> None:
+        q, scale = self.quantize(w)
+        out.copy_(self.dequantize(q, scale, w.shape[1]) - w)
+
+
 @lru_cache(maxsize=None)
 def angle_codebook(level: int, bits: int) -> np.ndarray:
     """Lloyd-Max centroids for the level's angle. Level 0 pairs two rotated (near-Gaussian)
@@ -539,11 +625,6 @@ class PolarRowCodec:
         angle_bits = sum(b * (d >> (i + 1)) for i, b in enumerate(self.level_bits(levels)))
         return rows * (angle_bits + 16) / (rows * cols)
 
-    def _rotate(self, w: Tensor, signs: Tensor) -> Tensor:
-        d = signs.numel()
-        x = F.pad(w.float(), (0, d - w.shape[1]))
-        return fwht(x * signs) / math.sqrt(d)
-
     def fused(self, w: Tensor) -> bool:
         """Where the fused Triton kernel encodes (CUDA, rows of 256+ columns). QAT and export both dispatch
         here, so on every device training sees exactly the codes the artifact stores: the kernel and the
@@ -561,7 +642,7 @@ class PolarRowCodec:
     def reference_codes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
         d = 1 << max(w.shape[1] - 1, 1).bit_length()
         signs, cos, sin, _ = self.tables(d, w.device)
-        r, codes = self._rotate(w, signs), []
+        r, codes = hadamard_rotate(w, signs), []
         for lvl in range(cos.shape[0]):
             a, b = r[:, 0::2], r[:, 1::2]
             codes.append((a[..., None] * cos[lvl] + b[..., None] * sin[lvl]).argmax(-1).to(torch.uint8))
@@ -575,7 +656,7 @@ class PolarRowCodec:
         for lvl in reversed(range(len(codes))):
             c = codes[lvl].long()
             r = torch.stack((r * cos[lvl][c], r * sin[lvl][c]), dim=-1).reshape(r.shape[0], -1)
-        return (fwht(r) / math.sqrt(d) * signs)[:, :cols]
+        return hadamard_unrotate(r, signs, cols)
 
     def encode(self, w: Tensor) -> dict:
         codes, radius = self.encode_codes(w)
@@ -607,10 +688,9 @@ def polar_tables(bits: tuple[int, ...], seed: int, d: int, device: torch.device,
     for lvl, b in enumerate(bits):
         c = codebook(lvl, b)
         ang[lvl] = np.concatenate((c, np.full(kmax - len(c), c[-1])))
-    gen = torch.Generator().manual_seed(seed + d)
-    signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1 if rotate else torch.ones(d)
+    signs = rotation_signs(seed, d, device) if rotate else torch.ones(d, device=device)
     to = dict(device=device, dtype=torch.float32)
-    return (signs.to(**to), torch.tensor(np.cos(ang), **to), torch.tensor(np.sin(ang), **to),
+    return (signs, torch.tensor(np.cos(ang), **to), torch.tensor(np.sin(ang), **to),
             torch.tensor([2 ** b for b in bits], device=device, dtype=torch.int32))
 
 
@@ -702,11 +782,63 @@ def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tup
     return codes, radius
 
 
-def make_codec(scheme: str, args: Hyperparameters, name: str):
-    if scheme == "int8":
-        return Int8RowCodec()
-    bits = args.polar_embed_bits if name == "tok_emb.weight" else args.polar_bits
-    return PolarRowCodec(parse_polar_bits(bits), args.polar_seed)
+@dataclass(frozen=True)
+class CodecSettings:
+    """How every quantized matrix is coded, built once and stored in the artifact, so reading one back needs
+    nothing from the trainer's config. bits: int's k, or polar's bits per level; embed_bits: the same for the
+    tied embedding (its rows are also the output head, so it gets its own)."""
+    scheme: str  # int8 | int | polar
+    bits: tuple[int, ...] = ()
+    embed_bits: tuple[int, ...] = ()
+    rotate: bool = False
+    seed: int = 0
+
+    def codec(self, name: str):
+        bits = self.embed_bits if name == "tok_emb.weight" else self.bits
+        if self.scheme == "int8":
+            return Int8RowCodec()
+        if self.scheme == "int":
+            return IntRowCodec(bits[0], self.rotate, self.seed)
+        if self.scheme == "polar":
+            return PolarRowCodec(bits, self.seed)
+        raise ValueError(f"weight codec {self.scheme!r} is unknown: an artifact of a newer format? re-export it")
+
+    @property
+    def label(self) -> str:
+        """Short, for file and log names: int8, int6, int6r (rotated), polar."""
+        return f"int{self.bits[0]}{'r' if self.rotate else ''}" if self.scheme == "int" else self.scheme
+
+    def spec(self) -> str:
+        """The settings as CODEC_COMPARE takes them: int8 | int:K:EMBED_K[:rot] | polar:BITS:EMBED_BITS."""
+        if self.scheme == "int8":
+            return "int8"
+        parts = [self.scheme, ",".join(map(str, self.bits)), ",".join(map(str, self.embed_bits))]
+        return ":".join(parts + (["rot"] if self.scheme == "int" and self.rotate else []))
+
+    @classmethod
+    def parse(cls, spec: str, seed: int) -> "CodecSettings":
+        parts = spec.strip().split(":")
+        try:
+            if parts == ["int8"]:
+                return cls("int8")
+            bits, embed = parse_polar_bits(parts[1]), parse_polar_bits(parts[2])
+            rotate = parts[3:] == ["rot"]
+            ok = (parts[0] == "int" and len(bits) == len(embed) == 1 and all(2 <= b <= 8 for b in bits + embed)
+                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) == 3 and
+                                                      all(1 <= b <= 8 for b in bits + embed))
+        except (IndexError, ValueError):
+            ok = False
+        if not ok or not bits or not embed:
+            raise ValueError(f"codec {spec!r}: expected int8, int:K:EMBED_K[:rot] (K in 2..8) or "
+                             f"polar:BITS:EMBED_BITS (e.g. polar:4,3,3,3,4:5,4,4,4,5)")
+        return cls(parts[0], bits, embed, rotate or parts[0] == "polar", seed)
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "CodecSettings":
+        return cls(meta["scheme"], tuple(meta["bits"]), tuple(meta["embed_bits"]), bool(meta["rotate"]), int(meta["seed"]))
 
 
 def state_hash(state: dict[str, Tensor]) -> str:
@@ -724,12 +856,12 @@ COMPRESSORS = {"zlib": (0, lambda b: zlib.compress(b, 9), zlib.decompress),
                "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
 
 
-def quantize_state(state: dict[str, Tensor], args: Hyperparameters) -> dict:
+def quantize_state(state: dict[str, Tensor], codec: CodecSettings) -> dict:
     tensors, kept = {}, {}
     for name, t in state.items():
         t = t.detach()
         if is_quantized_tensor(name, t):
-            tensors[name] = {"shape": list(t.shape), **make_codec(args.weight_quant_scheme, args, name).encode(t)}
+            tensors[name] = {"shape": list(t.shape), **codec.codec(name).encode(t)}
             tensors[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in tensors[name].items()}
         elif t.is_floating_point() and not any(p in name for p in CONTROL_PATTERNS):
             kept[name] = t.cpu().half()
@@ -738,10 +870,10 @@ def quantize_state(state: dict[str, Tensor], args: Hyperparameters) -> dict:
     return {"tensors": tensors, "kept": kept}
 
 
-def dequantize_state(obj: dict, args: Hyperparameters) -> dict[str, Tensor]:
+def dequantize_state(obj: dict, codec: CodecSettings) -> dict[str, Tensor]:
     out = {name: t.float() if t.is_floating_point() else t for name, t in obj["kept"].items()}
     for name, enc in obj["tensors"].items():
-        out[name] = make_codec(args.weight_quant_scheme, args, name).decode(enc, tuple(enc["shape"])).float()
+        out[name] = codec.codec(name).decode(enc, tuple(enc["shape"])).float()
     return out
 
 
@@ -749,25 +881,32 @@ def non_finite_tensors(state: dict[str, Tensor]) -> list[str]:
     return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def export_artifact(state: dict[str, Tensor], args: Hyperparameters, path: Path) -> dict:
+def export_artifact(state: dict[str, Tensor], codec: CodecSettings, model_config: dict, compressor: str,
+                    path: Path) -> dict:
     """Encode, compress and write atomically (tmp file, then rename). The meta holds what a fresh
     process needs to rebuild the model, and the hash of the dequantized state it must reproduce."""
     for what, tensors in (("weights", state), ("weights after the codec's roundtrip", None)):
         if tensors is None:
-            obj = quantize_state(state, args)
-            tensors = dequantize_state(obj, args)
+            obj = quantize_state(state, codec)
+            tensors = dequantize_state(obj, codec)
         bad = non_finite_tensors(tensors)
         if bad:
             raise FloatingPointError(f"refusing to export non-finite {what} ({', '.join(bad[:3])}"
                                      f"{', ...' if len(bad) > 3 else ''}): the run diverged")
-    obj["meta"] = {"model": args.model_config(), "codec": {k: getattr(args, k) for k in
-                   ("weight_quant_scheme", "polar_bits", "polar_embed_bits", "polar_seed")},
-                   "state_hash": state_hash(tensors)}
+    obj["meta"] = {"model": model_config, "codec": codec.to_meta(), "state_hash": state_hash(tensors)}
     buf = io.BytesIO()
     torch.save(obj, buf)
-    comp_id, compress, _ = COMPRESSORS[args.compressor]
+    comp_id, compress, _ = COMPRESSORS[compressor]
     write_artifact(path, comp_id, compress(buf.getvalue()))
     return {"bytes": path.stat().st_size, "raw_bytes": len(buf.getvalue()), "state_hash": obj["meta"]["state_hash"]}
+
+
+def compressed_sizes(path: Path) -> dict[str, int]:
+    """The artifact's bytes under every compressor (its torch payload recompressed; the header included)."""
+    blob = Path(path).read_bytes()
+    comp_id = ARTIFACT_HEADER.unpack_from(blob)[2]
+    raw = next(d for i, _, d in COMPRESSORS.values() if i == comp_id)(blob[ARTIFACT_HEADER.size:])
+    return {name: ARTIFACT_HEADER.size + len(compress(raw)) for name, (_, compress, _) in COMPRESSORS.items()}
 
 
 def write_artifact(path: Path, comp_id: int, payload: bytes) -> None:
@@ -798,8 +937,7 @@ def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise ValueError(f"artifact {path} names compressor id {comp_id}, which this code does not know (known: {known})")
     obj = torch.load(io.BytesIO(decompress(payload)), map_location="cpu", weights_only=True)
     meta = obj["meta"]
-    args = dataclasses.replace(Hyperparameters(), **meta["codec"], **meta["model"])
-    state = dequantize_state(obj, args)
+    state = dequantize_state(obj, CodecSettings.from_meta(meta["codec"]))
     bad = non_finite_tensors(state)
     if bad:
         raise ValueError(f"artifact {path} holds non-finite weights ({', '.join(bad[:3])}): a diverged run; retrain")
@@ -1008,6 +1146,7 @@ class QAT:
         self.active = False
         if args.qat_scheme == "none":
             return
+        codec = args.codec_settings(args.qat_scheme)
         for name, p in model.named_parameters():
             if not is_quantized_tensor(name, p):
                 continue
@@ -1017,7 +1156,7 @@ class QAT:
                 owner.emb_qat_delta = delta
             else:
                 owner.qat_delta = delta
-            self.targets.append((p, delta, make_codec(args.qat_scheme, args, name)))
+            self.targets.append((p, delta, codec.codec(name)))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -1328,6 +1467,35 @@ def autoregressive_eval(args: Hyperparameters, model: GPT, plan: DecodePlan, lut
 CHALLENGE_VAL_TOKENS = 62_021_632  # the FineWeb validation split the challenge scores
 
 
+def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT, scored_model: nn.Module, d: Dist,
+                   val_tokens: Tensor, luts: ByteLUTs, val_seqs: int, out: Path, log) -> list[dict]:
+    """CODEC_COMPARE: the trained weights exported with each codec (rank 0), reloaded and rescored on every
+    rank; the codecs' bytes and scores on the same weights (post-training quantization for all but the
+    codec QAT trained with). Leaves the model holding the last codec's weights: reload the shipped ones."""
+    rows = []
+    for spec in args.codec_compare.split():
+        codec = CodecSettings.parse(spec, args.quant_seed)
+        path = out / f"codec_compare_{codec.label}.ptz"
+        if d.master:
+            export_artifact(trained, codec, args.model_config(), args.compressor, path)
+        if d.enabled:
+            dist.barrier()
+        state, _ = load_artifact(path)
+        model.load_state_dict(state, strict=True)
+        loss, score = eval_teacher_forced(args, scored_model, d, val_tokens, luts, val_seqs)
+        if d.enabled:
+            dist.barrier()  # every rank has read it
+        if d.master:
+            sizes = compressed_sizes(path)
+            path.unlink()
+            n = sum(t.numel() for name, t in trained.items() if is_quantized_tensor(name, t))
+            rows.append({"codec": codec.spec(), "val_loss": loss, "val_bpb": score, **{f"{k}_bytes": v for k, v in
+                         sizes.items()}, **{f"bits_per_weight_{k}": 8 * v / n for k, v in sizes.items()}})
+            log(f"codec_compare codec:{codec.spec()} val_loss:{loss:.8f} val_bpb:{score:.8f} "
+                + " ".join(f"{k}_bytes:{v} bits_per_weight_{k}:{8 * v / n:.3f}" for k, v in sizes.items()))
+    return rows
+
+
 def token_prefix(tokens: Tensor, max_tokens: int) -> Tensor:
     """The first max_tokens targets (0: all) and the token before each."""
     return tokens if max_tokens <= 0 else tokens[:max_tokens + 1]
@@ -1449,6 +1617,7 @@ def main() -> None:
     local_tokens = args.train_batch_tokens // (d.world_size * grad_accum)
 
     model = build_model(args.model_config(), d.device)
+    export_codec = args.codec_settings(args.weight_quant_scheme)
     qat = QAT(model, args)
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
@@ -1459,8 +1628,8 @@ def main() -> None:
         f"grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile}")
     log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} iterations:{args.iterations} "
         f"max_wallclock_seconds:{args.max_wallclock_seconds} strict_wallclock:{args.strict_wallclock} "
-        f"qat:{args.qat_scheme} qat_start_frac:{args.qat_start_frac} export:{args.weight_quant_scheme} "
-        f"polar_bits:{args.polar_bits} polar_embed_bits:{args.polar_embed_bits} seed:{args.seed}")
+        f"qat:{args.codec_settings(args.qat_scheme).spec() if args.qat_scheme != 'none' else 'none'} "
+        f"qat_start_frac:{args.qat_start_frac} export:{export_codec.spec()} seed:{args.seed}")
     log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_paths(args.train_files))}")
 
     def train_step(loader: DistributedTokenLoader, scale: float) -> Tensor:
@@ -1561,9 +1730,10 @@ def main() -> None:
 
     # Export, then every rank reloads the artifact from disk and rescores it.
     t_export = time.perf_counter()
-    artifact = out / f"final_model.{args.weight_quant_scheme}.ptz"
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.codec_compare else {}
+    artifact = out / f"final_model.{export_codec.label}.ptz"
     if d.master:
-        stats = export_artifact(model.state_dict(), args, artifact)
+        stats = export_artifact(model.state_dict(), export_codec, args.model_config(), args.compressor, artifact)
     if d.enabled:
         dist.barrier()
     phases["export"] = time.perf_counter() - t_export
@@ -1580,7 +1750,7 @@ def main() -> None:
         if d.master:
             artifact.unlink()
         raise FloatingPointError(f"the reloaded artifact scores val_loss {q_loss}: deleted {artifact}")
-    scheme = args.weight_quant_scheme
+    scheme = export_codec.label
     total_bytes = artifact.stat().st_size + code_bytes()
     if d.master:
         log(f"Serialized model {scheme}+{args.compressor}: {stats['bytes']} bytes (torch payload before "
@@ -1591,6 +1761,12 @@ def main() -> None:
         log(f"WARNING: SUBMISSION OVER LIMIT: {total_bytes} bytes > 16,000,000 by {total_bytes - 16_000_000} bytes")
     log(f"final_{scheme}_{args.compressor}_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} "
         f"pre_roundtrip_val_bpb:{pre_bpb:.8f} state_hash:{meta['state_hash'][:16]}")
+    quantized_weights = sum(t.numel() for name, t in state.items() if is_quantized_tensor(name, t))
+    if args.codec_compare:
+        t_compare = time.perf_counter()
+        codec_rows = compare_codecs(args, trained, model, ddp_model, d, val_tokens, luts, val_seqs, out, log)
+        model.load_state_dict(state, strict=True)
+        phases["codec_compare"] = time.perf_counter() - t_compare
 
     # References on the comparison slice (every rank), then the rank-0-only autoregressive evals: the
     # other ranks leave the process group first, so no collective waits on rank 0 and every rank exits cleanly.
@@ -1599,8 +1775,9 @@ def main() -> None:
                "peak_mem_mib": peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
                "pre_roundtrip_val_loss": pre_loss, "roundtrip_val_bpb": q_bpb, "roundtrip_val_loss": q_loss,
                "model_bytes": artifact.stat().st_size, "code_bytes": code_bytes(), "total_bytes": total_bytes,
-               "scheme": scheme, "qat": args.qat_scheme, "state_hash": meta["state_hash"],
-               "hparams": dataclasses.asdict(args)}
+               "scheme": scheme, "codec": export_codec.spec(), "qat": args.qat_scheme, "state_hash": meta["state_hash"],
+               "quantized_weights": quantized_weights, "bits_per_weight": 8 * artifact.stat().st_size / quantized_weights,
+               "hparams": dataclasses.asdict(args), "codec_compare": codec_rows if args.codec_compare else []}
     scored_tokens = token_prefix(val_tokens, args.kv_eval_max_tokens)
     compare_tokens = token_prefix(scored_tokens, args.kv_eval_compare_tokens)
     t_ref = time.perf_counter()

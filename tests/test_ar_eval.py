@@ -65,10 +65,9 @@ def test_isolation_check_on_a_tiny_cpu_model(sample_shards, tmp_path):
     import sentencepiece as spm
 
     args, model = tiny_model(2)
-    args.weight_quant_scheme = "polar"
     (tmp_path / "run").mkdir()
     artifact = tmp_path / "run" / "final_model.polar.ptz"
-    stats = tg.export_artifact(model.state_dict(), args, artifact)
+    stats = tg.export_artifact(model.state_dict(), args.codec_settings("polar"), args.model_config(), "zlib", artifact)
     cmd = [sys.executable, str(ROOT / "artifact_isolation_check.py"), str(artifact), "--data-path", str(sample_shards),
            "--tokenizer", str(TOKENIZER), "--val-tokens", "512", "--seq-len", "64", "--steps", "24", "--generate", "8",
            "--prompt", "The river"]

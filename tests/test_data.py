@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 
@@ -7,7 +9,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, SAMPLE, TOKENIZER
+from conftest import ROOT, SAMPLE, TOKENIZER, tiny_env
 from data.build_shards import write_shard
 
 
@@ -81,7 +83,6 @@ def test_loader_gives_each_rank_its_span(sample_shards):
 
 def test_run_sh_sample_rebuilds_a_missing_train_shard(tmp_path):
     """run.sh sample rebuilds its shards when either split is missing, not only the validation one."""
-    from conftest import tiny_env
     from data.build_shards import build
 
     data = tmp_path / "sample_sp1024"
@@ -153,3 +154,26 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, message):
     p = subprocess.run([sys.executable, "data/build_shards.py", "--input", str(tmp_path / "bad.jsonl"), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_standin_protocol_appends_a_row(tmp_path, sample_docs):
+    """The protocol end to end on a tiny corpus of the stand-in's shape (four enwiki_*.jsonl.xz files)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        write_docs(corpus / f"enwiki_0{i}.jsonl.xz", sample_docs[i::4], "jsonl.xz")
+    results = tmp_path / "results.md"
+    tiny = {k: v for k, v in tiny_env(tmp_path, tmp_path).items() if k in (
+        "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "WARMUP_STEPS",
+        "WARMDOWN_ITERS", "KV_QUANT_BACKEND", "KV_EVAL_MAX_TOKENS", "KV_EVAL_BATCH")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8", "int5r", "--corpus",
+           str(corpus), "--data", str(tmp_path / "data"), "--val-tokens", "1500", "--seconds", "30", "--out-dir",
+           str(tmp_path / "runs"), "--results", str(results), "--commit", "abc1234", "--set", "ITERATIONS=3",
+           "MODEL_DIM=128", *(f"{k}={v}" for k, v in tiny.items() if k != "MODEL_DIM")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = [line for line in results.read_text().splitlines() if "| abc1234 |" in line]
+    assert len(rows) == 2 and "| int8 |" in rows[0] and "| int5r |" in rows[1] and "INT_ROTATE=1" in rows[1]
+    summary = json.loads(next((tmp_path / "runs").glob("int5r_*/logs/*.json")).read_text())
+    cells = [c.strip() for c in rows[1].split("|")]
+    assert cells[7] == "3" and cells[10] == f"{summary['roundtrip_val_bpb']:.5f}" and cells[11] == f"{summary['model_bytes']:,}"

@@ -73,7 +73,7 @@ def test_polar_triton_kernel_matches_torch_reference(rows, cols, seed):
     ref_codes, ref_radius = codec.reference_codes(w)
     assert torch.equal(radius, ref_radius)
     signs, cos, sin, _ = codec.tables(d, w.device)
-    r, moved = codec._rotate(w, signs), 0
+    r, moved = tg.hadamard_rotate(w, signs), 0
     for lvl, (got, want) in enumerate(zip(codes.split(level_splits(d), dim=1), ref_codes, strict=True)):
         a, b = r[:, 0::2], r[:, 1::2]
         r = torch.sqrt(a * a + b * b)
@@ -97,9 +97,8 @@ def test_qat_and_export_share_one_encoder(monkeypatch, fused):
     torch.testing.assert_close(w + delta, codec.decode(codec.encode(w), w.shape), rtol=0, atol=1e-6)
 
 
-def small_state():
-    args = tg.Hyperparameters(num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=1024,
-                              weight_quant_scheme="polar")
+def small_state(model_dim=128):
+    args = tg.Hyperparameters(num_layers=2, model_dim=model_dim, num_heads=4, num_kv_heads=2, vocab_size=1024)
     model = tg.build_model(args.model_config(), torch.device("cpu"))
     with torch.no_grad():
         for p in model.parameters():
@@ -107,12 +106,17 @@ def small_state():
     return args, model
 
 
-@pytest.mark.parametrize("scheme, compressor", [("polar", "zlib"), ("int8", "zlib"), ("polar", "lzma")])
-def test_export_reload_in_a_fresh_process_is_bit_identical(tmp_path, scheme, compressor):
-    args, model = small_state()
-    args.weight_quant_scheme, args.compressor = scheme, compressor
+def export(model, args, path, spec="polar:4,3,3,3,4:5,4,4,4,5", compressor="zlib"):
+    return tg.export_artifact(model.state_dict(), tg.CodecSettings.parse(spec, 5), args.model_config(), compressor, path)
+
+
+@pytest.mark.parametrize("spec, compressor", [("polar:4,3,3,3,4:5,4,4,4,5", "zlib"), ("int8", "zlib"),
+                                              ("polar:3,2:4", "lzma"), ("int:6:8:rot", "zlib"), ("int:4:5", "lzma")])
+def test_export_reload_in_a_fresh_process_is_bit_identical(tmp_path, spec, compressor):
+    """The artifact carries its codec settings: a fresh process with default Hyperparameters reads it back."""
+    args, model = small_state(256)  # 256 columns: the int codes and the 4-bit packing on every matrix
     path = tmp_path / "m.ptz"
-    stats = tg.export_artifact(model.state_dict(), args, path)
+    stats = export(model, args, path, spec, compressor)
     assert not list(tmp_path.glob("*.tmp"))
     here, _ = tg.load_artifact(path)
     dump = tmp_path / "fresh.pt"
@@ -128,13 +132,15 @@ def test_export_reload_in_a_fresh_process_is_bit_identical(tmp_path, scheme, com
     assert torch.equal(model.forward_logits(x), other.forward_logits(x))
 
 
-def test_polar_qat_delta_reproduces_the_export():
+@pytest.mark.parametrize("scheme", ["polar", "int", "int8"])
+def test_qat_delta_reproduces_the_export(scheme):
     args, model = small_state()
-    args.qat_scheme = "polar"
+    args.qat_scheme, args.int_bits, args.int_rotate = scheme, 5, True
     qat = tg.QAT(model, args)
     qat.active = True
     qat.refresh()
-    state = tg.dequantize_state(tg.quantize_state(model.state_dict(), args), args)
+    codec = args.codec_settings(scheme)
+    state = tg.dequantize_state(tg.quantize_state(model.state_dict(), codec), codec)
     for name, p in model.named_parameters():
         if tg.is_quantized_tensor(name, p):
             delta = model.emb_qat_delta if name == "tok_emb.weight" else model.get_submodule(name[:-7]).qat_delta
@@ -154,7 +160,7 @@ def test_polar_qat_delta_reproduces_the_export():
 def test_damaged_artifacts_are_rejected(tmp_path, damage, message):
     args, model = small_state()
     path = tmp_path / "m.ptz"
-    tg.export_artifact(model.state_dict(), args, path)
+    export(model, args, path)
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ValueError, match=message):
         tg.load_artifact(path)
@@ -163,7 +169,7 @@ def test_damaged_artifacts_are_rejected(tmp_path, damage, message):
 def test_unknown_compressor_id_is_named(tmp_path):
     args, model = small_state()
     path = tmp_path / "m.ptz"
-    tg.export_artifact(model.state_dict(), args, path)
+    export(model, args, path)
     tg.write_artifact(path, 7, path.read_bytes()[tg.ARTIFACT_HEADER.size:])  # a valid checksum over an unknown id
     with pytest.raises(ValueError, match=r"compressor id 7, which this code does not know \(known: 0 \(zlib\), 1 \(lzma\)\)"):
         tg.load_artifact(path)
@@ -173,11 +179,12 @@ def test_non_finite_weights_are_neither_exported_nor_loaded(tmp_path):
     args, model = small_state()
     state = model.state_dict()
     state["blocks.0.mlp.fc.weight"][3, 5] = float("nan")
+    codec = args.codec_settings("polar")
     with pytest.raises(FloatingPointError, match="blocks.0.mlp.fc.weight"):
-        tg.export_artifact(state, args, tmp_path / "m.ptz")
+        tg.export_artifact(state, codec, args.model_config(), "zlib", tmp_path / "m.ptz")
     assert not list(tmp_path.iterdir())
-    obj = tg.quantize_state(state, args)  # what an exporter without the check would have written
-    obj["meta"] = {"model": args.model_config(), "codec": {"weight_quant_scheme": "polar"}, "state_hash": ""}
+    obj = tg.quantize_state(state, codec)  # what an exporter without the check would have written
+    obj["meta"] = {"model": args.model_config(), "codec": codec.to_meta(), "state_hash": ""}
     buf = io.BytesIO()
     torch.save(obj, buf)
     tg.write_artifact(tmp_path / "m.ptz", 0, zlib.compress(buf.getvalue()))
@@ -199,3 +206,64 @@ def test_polar_packs_fewer_bits_than_int8():
     assert polar_bits < 0.45 * int8_bits
     lloyd = tg.angle_codebook(5, 3)
     assert np.all(np.diff(lloyd) > 0) and abs(lloyd.mean() - np.pi / 4) < 1e-3 and lloyd.max() - lloyd.min() < 0.6
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, 8])
+@pytest.mark.parametrize("rotate, cols", [(False, 384), (True, 384), (True, 512)])
+def test_int_codec_errors_are_bounded_and_fake_quant_is_its_roundtrip(bits, rotate, cols):
+    codec = tg.IntRowCodec(bits, rotate, 9)
+    w = trained_like(40, cols, seed=bits)
+    enc = codec.encode(w)
+    assert ("packed" in enc) == (bits <= 4) and ("q" not in enc or enc["q"].dtype == torch.int8)
+    got = codec.decode(enc, w.shape)
+    step = enc["scale"].float()[:, None]  # half a step per code, in the coded (rotated) coordinates
+    if rotate:  # orthonormal rotation: the row's L2 error is the coded row's
+        assert bool(((got - w).norm(dim=1) <= 0.5 * step[:, 0] * tg.padded_width(cols) ** 0.5 * 1.001).all())
+    else:
+        assert bool(((got - w).abs() <= 0.5 * step * 1.001).all())
+    delta = torch.empty_like(w)
+    codec.fake_quant_(w, delta)
+    torch.testing.assert_close(w + delta, got, rtol=0, atol=1e-6)
+
+
+def test_int_codec_error_falls_with_bits_and_rotation_spreads_outliers():
+    w = trained_like(128, 512, seed=4)
+
+    def rel(codec):
+        return float(((codec.decode(codec.encode(w), w.shape) - w) ** 2).sum() / (w ** 2).sum())
+
+    plain = [rel(tg.IntRowCodec(b, False, 0)) for b in (4, 5, 6, 7, 8)]
+    assert all(a > 3.0 * b for a, b in zip(plain, plain[1:], strict=False)), plain  # ~4x per bit
+    for b in (4, 5, 6):
+        assert rel(tg.IntRowCodec(b, True, 0)) < 0.5 * rel(tg.IntRowCodec(b, False, 0))  # heavy tails, uneven columns
+
+
+def test_rotation_is_orthogonal():
+    signs = tg.rotation_signs(3, 512, torch.device("cpu"))
+    w = torch.randn(7, 384)
+    x = tg.hadamard_rotate(w, signs)
+    torch.testing.assert_close(x.norm(dim=1), w.norm(dim=1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(tg.hadamard_unrotate(x, signs, 384), w, rtol=0, atol=1e-5)
+    eye = tg.hadamard_rotate(torch.eye(512), signs)
+    torch.testing.assert_close(eye @ eye.T, torch.eye(512), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int:6:8", "int:4:8:rot", "polar:4,3,3,3,4:5,4,4,4,5", "polar:3:3"])
+def test_codec_specs_round_trip(spec):
+    codec = tg.CodecSettings.parse(spec, 11)
+    assert codec.spec() == spec and tg.CodecSettings.from_meta(codec.to_meta()) == codec
+
+
+@pytest.mark.parametrize("spec", ["int9", "int:9:8", "int:6", "int:6:8:rotate", "polar:4,3", "fp4", "polar:0:4"])
+def test_bad_codec_specs_name_the_grammar(spec):
+    with pytest.raises(ValueError, match=r"expected int8, int:K:EMBED_K\[:rot\]"):
+        tg.CodecSettings.parse(spec, 0)
+    with pytest.raises(ValueError, match="CODEC_COMPARE="):
+        tg.Hyperparameters.from_env({"CODEC_COMPARE": f"int8 {spec}"})
+
+
+def test_env_builds_the_codec_settings():
+    a = tg.Hyperparameters.from_env({"WEIGHT_QUANT_SCHEME": "int", "INT_BITS": "5", "INT_ROTATE": "1",
+                                     "QUANT_SEED": "3"})
+    assert a.codec_settings(a.weight_quant_scheme) == tg.CodecSettings("int", (5,), (8,), True, 3)
+    assert a.codec_settings("polar").spec() == "polar:4,3,3,3,4:5,4,4,4,5"

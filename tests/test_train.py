@@ -170,3 +170,19 @@ def test_two_rank_polar_qat_roundtrip_is_lossless(sample_shards, tmp_path):
     m = re.search(r"final_polar_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+) pre_roundtrip_val_bpb:(\S+)", out)
     assert "qat_start step:0 scheme:polar" in out and m
     assert abs(float(m.group(1)) - float(m.group(2))) < 1e-4
+
+
+def test_codec_compare_rescores_the_trained_weights_per_codec(sample_shards, tmp_path):
+    out = run(tiny_env(sample_shards, tmp_path, MODEL_DIM=128, ITERATIONS=3, WEIGHT_QUANT_SCHEME="int", INT_BITS=6,
+                       INT_EMBED_BITS=6, CODEC_COMPARE="int8 int:4:4:rot polar:3,3,3,3,4:3,3,3,3,4",
+                       KV_EVAL_MAX_TOKENS=2048, KV_EVAL_COMPARE_TOKENS=2048))
+    summary = json.loads((tmp_path / "logs" / "t.json").read_text())
+    rows = {r["codec"]: r for r in summary["codec_compare"]}
+    assert list(rows) == ["int8", "int:4:4:rot", "polar:3,3,3,3,4:3,3,3,3,4"] and summary["codec"] == "int:6:6"
+    assert rows["int8"]["zlib_bytes"] > rows["int:4:4:rot"]["zlib_bytes"]
+    assert [p.name for p in tmp_path.glob("*.ptz")] == ["final_model.int6.ptz"]  # the comparisons' are gone
+    assert re.search(r"^codec_compare codec:int:4:4:rot val_loss:\S+ val_bpb:\S+ zlib_bytes:\d+ bits_per_weight_zlib:\S+ "
+                     r"lzma_bytes:\d+", out, re.M)
+    # the evals after the comparisons score the shipped weights again: the whole split, as the roundtrip did
+    check = re.search(r"^final_teacher_forced_windows tokens:2048 val_loss:\S+ val_bpb:(\S+)", out, re.M)
+    assert float(check.group(1)) == pytest.approx(summary["roundtrip_val_bpb"], abs=1e-8)
