@@ -1488,7 +1488,7 @@ def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT
         if d.master:
             sizes = compressed_sizes(path)
             path.unlink()
-            n = sum(t.numel() for name, t in trained.items() if is_quantized_tensor(name, t))
+            n = sum(t.numel() for t in trained.values())
             rows.append({"codec": codec.spec(), "val_loss": loss, "val_bpb": score, **{f"{k}_bytes": v for k, v in
                          sizes.items()}, **{f"bits_per_weight_{k}": 8 * v / n for k, v in sizes.items()}})
             log(f"codec_compare codec:{codec.spec()} val_loss:{loss:.8f} val_bpb:{score:.8f} "
@@ -1761,7 +1761,7 @@ def main() -> None:
         log(f"WARNING: SUBMISSION OVER LIMIT: {total_bytes} bytes > 16,000,000 by {total_bytes - 16_000_000} bytes")
     log(f"final_{scheme}_{args.compressor}_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} "
         f"pre_roundtrip_val_bpb:{pre_bpb:.8f} state_hash:{meta['state_hash'][:16]}")
-    quantized_weights = sum(t.numel() for name, t in state.items() if is_quantized_tensor(name, t))
+    parameters = sum(t.numel() for t in state.values())
     if args.codec_compare:
         t_compare = time.perf_counter()
         codec_rows = compare_codecs(args, trained, model, ddp_model, d, val_tokens, luts, val_seqs, out, log)
@@ -1776,7 +1776,7 @@ def main() -> None:
                "pre_roundtrip_val_loss": pre_loss, "roundtrip_val_bpb": q_bpb, "roundtrip_val_loss": q_loss,
                "model_bytes": artifact.stat().st_size, "code_bytes": code_bytes(), "total_bytes": total_bytes,
                "scheme": scheme, "codec": export_codec.spec(), "qat": args.qat_scheme, "state_hash": meta["state_hash"],
-               "quantized_weights": quantized_weights, "bits_per_weight": 8 * artifact.stat().st_size / quantized_weights,
+               "parameters": parameters, "bits_per_weight": 8 * artifact.stat().st_size / parameters,
                "hparams": dataclasses.asdict(args), "codec_compare": codec_rows if args.codec_compare else []}
     scored_tokens = token_prefix(val_tokens, args.kv_eval_max_tokens)
     compare_tokens = token_prefix(scored_tokens, args.kv_eval_compare_tokens)

@@ -63,15 +63,19 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
     return cache
 
 
-# block_n, num_warps, num_stages, programs per SM, register cap (None: the compiler's choice)
-GRIDS = {"bf16_triton": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
-         "int8_triton": ((64, 128, 256), (2, 4), (1, 2, 3), (4, 8), (None, 128)),
-         "qjl_triton": ((32, 64, 128, 256), (4, 8), (1,), (4, 8, 16), (None, 128))}  # 2 stages, cap 168: never won
+# The sweep's launch settings per key codec: block_n, num_warps, num_stages, programs per SM, register cap (None:
+# the compiler's choice). A codec not listed gets the widest grid.
+WIDE_GRID = ((32, 64, 128, 256), (2, 4, 8), (1, 2, 3), (4, 8, 16), (None, 128))
+GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
+         "int8": ((64, 128, 256), (2, 4), (1, 2, 3), (4, 8), (None, 128)),
+         "tq4": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128)),
+         "qjl": ((32, 64, 128, 256), (4, 8), (1,), (4, 8, 16), (None, 128))}  # 2 stages, cap 168: never won
+TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
 
 
 def sweep(a, cfg: kv.KVConfig) -> None:
     rows = []
-    for name in (n for n in a.backends.split(",") if n in GRIDS):
+    for name in (n for n in a.backends.split(",") if n in TRITON_NAMES):
         for ctx, b in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
             cache = random_cache(name, b, ctx, a, cfg)
             ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda",
@@ -84,7 +88,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
             q = cache.as_query(q)  # as the decoder's prologue hands it over
             moved = b * ctx * cache.bytes_per_token()
             default = cache.launch_settings()
-            grid = GRIDS[name]
+            grid = GRIDS.get(cache.key_codec, WIDE_GRID)
             for settings in itertools.product(*grid):
                 cache.settings = settings
                 cache.__dict__.pop("splits", None)  # re-plan the splits for these settings
@@ -111,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default="256,1024,4096,16384")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--backends", default="bf16,bf16_triton,int8,int8_triton,qjl,qjl_triton")
+    p.add_argument("--backends", default=",".join(kv.KV_BACKENDS), help="comma-separated; default: every backend")
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--q-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)

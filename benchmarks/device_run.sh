@@ -1,60 +1,72 @@
 #!/usr/bin/env bash
-# One GPU call: build shards from local real text, then run the named stages, logs under $OUT.
-#   STAGES="kv baseline int8" bash benchmarks/device_run.sh
-# Stages: sweep (Triton launch settings per shape), kv (KV backend benchmark), baseline (the public baseline script, if .device/baseline_train_gpt.py
-# exists), int8 | int8qat | polar (our trainer, same data and wallclock), big (polar, larger model),
-# codecs (bytes per scheme from the polar QAT run's weights), decode (AR throughput at DECODE_BATCHES), isolation.
+# One GPU call on the Wikipedia stand-in corpus: build its shards (once per machine), then the named stages, logs
+# and tables under $OUT. Every figure that ranks codecs, KV backends or configurations comes from these runs.
+#   STAGES="standin:polar43334 decode kv" CORPUS=.device/wikipedia bash benchmarks/device_run.sh
+# Stages:
+#   standin:CONFIG  benchmarks/standin_protocol.py for CONFIG (its CONFIGS), one row appended to $OUT/standin_results.md;
+#                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
+#                   pass through to the trainer
+#   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
+#   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
+#   isolation       the artifact isolation check on the last artifact (or $ART) in a fresh process
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
-WALL=${WALL:-60}
-TEXT=${TEXT:-$ROOT/.device/text}
-DATA=/tmp/pg_data
-mkdir -p "$OUT" /tmp/runs
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+CORPUS=${CORPUS:-$ROOT/.device/wikipedia}
+DATA=${DATA:-$ROOT/data/datasets/wikipedia_sp1024}  # git-ignored: kept while the machine stays warm
+RUNS=${RUNS:-/tmp/runs}
+TOKENIZER=$ROOT/data/tokenizers/fineweb_1024_bpe.model
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1
 cd "$ROOT"
+status=0
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
-if [ ! -f $DATA/fineweb_val_000000.bin ]; then
-  python3 data/build_shards.py --input $TEXT/fortunes.txt $TEXT/tinyshakespeare.txt $TEXT/wikitext2_valid.txt \
-    $TEXT/fineweb_edu_sample.txt --docs file --val-fraction 0.025 --out $DATA | tee -a "$OUT/summary.txt"
+if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
+  t0=$(date +%s)
+  python3 data/build_shards.py --input "$CORPUS"/enwiki_0*.jsonl.xz --val-tokens 2000000 --out "$DATA" \
+    > "$RUNS/build_shards.out" 2>&1 || { note "build_shards failed: see $RUNS/build_shards.out"; tail -5 "$RUNS/build_shards.out"; exit 1; }
+  note "shards built in $(( $(date +%s) - t0 )) s: $(ls "$DATA" | wc -l) files"
 fi
-train() {  # name, then env assignments
-  local name=$1; shift
-  rm -rf /tmp/runs/$name  # a log reused by RUN_ID would be appended to
-  (cd "${CODE_DIR:-$ROOT}" && env "$@" DATA_PATH=$DATA TOKENIZER_PATH=$ROOT/data/tokenizers/fineweb_1024_bpe.model \
-    RUN_ID=$name OUT_DIR=/tmp/runs/$name MAX_WALLCLOCK_SECONDS=$WALL VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 \
-    timeout ${RUN_TIMEOUT:-420} python3 train_gpt.py > /tmp/runs/$name.out 2>&1)
-  echo "== $name rc=$?" | tee -a "$OUT/summary.txt"
-  grep -E "train_summary|roundtrip_exact|Total submission|final_kv_eval_exact|phase_times|WARNING|Error" /tmp/runs/$name.out | tee -a "$OUT/summary.txt"
-}
-for stage in ${STAGES:-kv baseline int8}; do
+last_artifact() { ls -t "$RUNS"/*/final_model.*.ptz 2>/dev/null | head -1; }
+for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
+  t0=$(date +%s)
   case $stage in
-    sweep) timeout 300 python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} --out /tmp/runs/kv_sweep.json 2>&1 \
-             | grep -v Warning | tail -60 | tee -a "$OUT/summary.txt" ;;
-    kv) timeout 240 python3 benchmarks/benchmark_kv_backends.py --out /tmp/runs/kv_bench.json 2>&1 | tail -60 | tee -a "$OUT/summary.txt" ;;
-    baseline)
-      mkdir -p /tmp/runs/baseline && cp .device/baseline_train_gpt.py /tmp/runs/baseline/train_gpt.py
-      (cd /tmp/runs/baseline && DATA_PATH=$DATA TOKENIZER_PATH=$ROOT/data/tokenizers/fineweb_1024_bpe.model RUN_ID=baseline \
-        MAX_WALLCLOCK_SECONDS=$WALL VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=50 timeout 420 python3 train_gpt.py > /tmp/runs/baseline.out 2>&1)
-      echo "== baseline rc=$?" | tee -a "$OUT/summary.txt"
-      grep -E "step:.*step_avg|peak memory|roundtrip|Total submission" /tmp/runs/baseline.out | tail -6 | tee -a "$OUT/summary.txt" ;;
-    int8) train int8 KV_EVAL_COMPARE_BACKENDS=${INT8_COMPARE:-int8,qjl_triton,qjl,qjl_recentk} ;;
-    int8qat) train int8qat QAT_SCHEME=int8 KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
-    polar) train polar QAT_SCHEME=polar WEIGHT_QUANT_SCHEME=polar KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
-    big) train big QAT_SCHEME=polar WEIGHT_QUANT_SCHEME=polar NUM_LAYERS=${BIG_LAYERS:-16} KV_EVAL_COMPARE_BACKENDS=qjl_triton ;;
-    codecs) timeout 200 python3 benchmarks/benchmark_codecs.py --artifact ${CODEC_ART:-/tmp/runs/polar/final_model.polar.ptz} \
-              --compressors zlib --out /tmp/runs/codec_bench.json 2>&1 | tail -20 | tee -a "$OUT/summary.txt" ;;
+    standin:*)
+      timeout ${RUN_TIMEOUT:-560} python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
+        --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
+        ${COMMIT:+--commit $COMMIT} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+      rc=${PIPESTATUS[0]}
+      log=$(ls -t "$RUNS"/*.out | head -1)
+      grep -E "train_summary|roundtrip_exact|Total submission|codec_compare|final_ar|final_teacher|final_sliding|eval_budget|phase_times|WARNING|Error" \
+        "$log" | tee -a "$OUT/summary.txt"
+      cp "$log" "$OUT/" ;;
     decode)
-      art=${ART:-/tmp/runs/int8/final_model.int8.ptz}; [ -f "$art" ] || art=""  # none: a random model, throughput only
-      timeout 300 python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path $DATA \
-              ${DECODE_BATCHES:+--batches $DECODE_BATCHES} --out /tmp/runs/decode_bench.json 2>&1 \
-              | grep -E "batch|Error" | tee -a "$OUT/summary.txt" ;;
-    isolation) (cd /tmp && timeout 120 python3 $ROOT/artifact_isolation_check.py ${ART:-/tmp/runs/int8/final_model.int8.ptz} \
-              --data-path $DATA --tokenizer $ROOT/data/tokenizers/fineweb_1024_bpe.model --steps 1024 \
-              --out /tmp/runs/isolation.json 2>&1 | tail -25 | tee -a "$OUT/summary.txt") ;;
+      art=${ART:-$(last_artifact)}
+      timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
+        --backends ${DECODE_BACKENDS:-int8_triton,tq4_triton} --batches ${DECODE_BATCHES:-1,1024} \
+        --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"
+      rc=${PIPESTATUS[0]} ;;
+    kv)
+      timeout ${KV_TIMEOUT:-240} python3 benchmarks/benchmark_kv_backends.py --contexts ${KV_CONTEXTS:-1024,16384} \
+        --batches ${KV_BATCHES:-64,1024} ${KV_BACKENDS:+--backends $KV_BACKENDS} --out "$RUNS/kv_bench.json" 2>&1 \
+        | tail -40 | tee -a "$OUT/summary.txt"
+      rc=${PIPESTATUS[0]} ;;
+    sweep)
+      timeout 300 python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} \
+        ${KV_BACKENDS:+--backends $KV_BACKENDS} --out "$RUNS/kv_sweep.json" 2>&1 | grep -v Warning | tail -60 \
+        | tee -a "$OUT/summary.txt"
+      rc=${PIPESTATUS[0]} ;;
+    isolation)
+      (cd /tmp && timeout 120 python3 "$ROOT/artifact_isolation_check.py" "${ART:-$(last_artifact)}" --data-path "$DATA" \
+        --tokenizer "$TOKENIZER" --steps 1024 --out "$RUNS/isolation.json" 2>&1 | tail -25 | tee -a "$OUT/summary.txt")
+      rc=${PIPESTATUS[0]} ;;
+    *) note "unknown stage $stage"; rc=2 ;;
   esac
+  note "== $stage rc=$rc $(( $(date +%s) - t0 )) s"
+  [ "$rc" = 0 ] || status=1
 done
-tar czf "$OUT/runs.tar.gz" --exclude='*.ptz' --exclude='*.tmp' -C /tmp runs 2>/dev/null  # logs, JSON summaries
-ls -la /tmp/runs/*/*.ptz 2>/dev/null | tee -a "$OUT/summary.txt"
+tar czf "$OUT/runs.tar.gz" --exclude='*.ptz' --exclude='*.tmp' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" 2>/dev/null
+exit $status

@@ -13,6 +13,7 @@ the trainer runs them. Rank codecs and configurations by these rows only, never 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ HEADER = """# Stand-in protocol results
 Rows appended by `benchmarks/standin_protocol.py`: one configuration each, one GPU, the Wikipedia stand-in
 corpus (`../shared/data/wikipedia`; validation = its last 2,000,000 tokens, whole articles), training for the
 wallclock shown at 524,288 tokens/step. val_bpb pre: before export; roundtrip: the artifact reloaded and
-rescored. bits/w: the artifact's bytes x 8 per quantized weight, under zlib (as shipped) and lzma (the payload
+rescored. bits/w: the artifact's bytes x 8 per parameter, under zlib (as shipped) and lzma (the payload
 recompressed). Compare rows with each other, not with FineWeb scores.
 
 | date | commit | device | config | settings | wallclock | steps | step_avg | val_bpb pre | val_bpb roundtrip | model bytes | total bytes | bits/w zlib | bits/w lzma |
@@ -58,7 +59,8 @@ def build_shards(corpus: Path, data: Path, val_tokens: int) -> None:
 
 
 def run_config(name: str, extra: dict, a, tg) -> dict:
-    run_id = "_".join([name] + [f"{k.lower()}{v}" for k, v in extra.items()])
+    settings = " ".join(f"{k}={v}" for k, v in extra.items())
+    run_id = name + (f"_{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if extra else "")  # the table names them
     out = a.out_dir / run_id
     if out.exists():
         raise SystemExit(f"{out} exists from an earlier run: remove it or pass another --out-dir")
@@ -74,7 +76,7 @@ def run_config(name: str, extra: dict, a, tg) -> dict:
         raise SystemExit(f"{name}: train_gpt.py exited {rc}; see {log}")
     summary = json.loads((out / "logs" / f"{run_id}.json").read_text())
     sizes = tg.compressed_sizes(out / f"final_model.{tg.CodecSettings.parse(summary['codec'], 0).label}.ptz")
-    summary["bits_per_weight_by_compressor"] = {k: 8 * v / summary["quantized_weights"] for k, v in sizes.items()}
+    summary["bits_per_weight_by_compressor"] = {k: 8 * v / summary["parameters"] for k, v in sizes.items()}
     summary["settings"] = " ".join(f"{k}={v}" for k, v in {**CONFIGS[name], **extra}.items()) or "defaults"
     return summary
 

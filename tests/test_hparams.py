@@ -6,8 +6,11 @@ import train_gpt as tg
 @pytest.mark.parametrize("env, message", [
     ({"NUM_LAYERS": "nine"}, "NUM_LAYERS='nine' is not a valid int"),
     ({"NUM_LAYERS": "0"}, "NUM_LAYERS=0: must be positive"),
-    ({"QAT_SCHEME": "int4"}, "QAT_SCHEME='int4': must be one of none, int8, polar"),
-    ({"WEIGHT_QUANT_SCHEME": "fp8"}, "must be one of int8, polar"),
+    ({"QAT_SCHEME": "int4"}, "QAT_SCHEME='int4': must be one of none, int8, int, polar"),
+    ({"WEIGHT_QUANT_SCHEME": "fp8"}, "WEIGHT_QUANT_SCHEME='fp8': must be one of int8, int, polar"),
+    ({"INT_BITS": "9"}, "INT_BITS=9: must be in 2..8"),
+    ({"INT_EMBED_BITS": "1"}, "INT_EMBED_BITS=1: must be in 2..8"),
+    ({"CODEC_COMPARE": "int8 int:9:8"}, "CODEC_COMPARE='int8 int:9:8'"),
     ({"POLAR_BITS": "4,9"}, "POLAR_BITS='4,9': must be comma-separated bits"),
     ({"POLAR_BITS": "a"}, "POLAR_BITS='a'"),
     ({"KV_QUANT_BACKEND": "fp4"}, "KV_QUANT_BACKEND: KV backend 'fp4' is unknown; valid backends: auto"),
