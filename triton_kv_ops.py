@@ -691,9 +691,9 @@ if triton is not None:
         fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
         interleaves them back (that went through shared memory); each tile feeds its own dot."""
         N: tl.constexpr = entry.shape[0]
-        if VALUE == "tq4":
-            return _tq4_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, D)
-        if VALUE == "int4":
+        if VALUE == "tq4":  # (no early return: the compiler would still compile the code after it)
+            even, odd = _tq4_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, D)
+        elif VALUE == "int4":
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
             even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
@@ -702,7 +702,7 @@ if triton is not None:
             tl.static_assert((VALUE == "int8") | (VALUE == "exact"), "unknown value codec: exact, int8, int4 or tq4")
             v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             even, odd = _even_odd_halves(v.to(tl.float16))
-        if VALUE != "exact":
+        if (VALUE == "int8") | (VALUE == "int4"):
             scale = tl.load(vs_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :],
                             mask=nmask[:, None], other=0)[:, :, None]  # channels 2i and 2i + 1: group 2i // GROUP
             shape: tl.constexpr = (N, D // GROUP, GROUP // 2)
