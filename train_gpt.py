@@ -494,16 +494,6 @@ class Int8RowCodec:
         out.copy_(self.decode(enc, w.shape).to(out.device) - w)
 
 
-def fwht(x: Tensor) -> Tensor:
-    """Unnormalized Sylvester-Hadamard transform over the last dim (a power of two)."""
-    shape, d, h = x.shape, x.shape[-1], 1
-    while h < d:
-        x = x.reshape(*shape[:-1], d // (2 * h), 2, h)
-        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(shape)
-
-
 def padded_width(cols: int) -> int:
     return 1 << max(cols - 1, 1).bit_length()
 
@@ -517,11 +507,11 @@ def rotation_signs(seed: int, d: int, device: torch.device) -> Tensor:
 def hadamard_rotate(w: Tensor, signs: Tensor) -> Tensor:
     """Rows zero-padded to d = len(signs), sign-flipped, then the orthonormal Hadamard transform: x = H D w."""
     d = signs.numel()
-    return fwht(F.pad(w.float(), (0, d - w.shape[1])) * signs) / math.sqrt(d)
+    return kv.fwht(F.pad(w.float(), (0, d - w.shape[1])) * signs) / math.sqrt(d)
 
 
 def hadamard_unrotate(x: Tensor, signs: Tensor, cols: int) -> Tensor:
-    return (fwht(x) / math.sqrt(signs.numel()) * signs)[:, :cols]
+    return (kv.fwht(x) / math.sqrt(signs.numel()) * signs)[:, :cols]
 
 
 class IntRowCodec:
@@ -762,7 +752,7 @@ if triton is not None:
 
 @lru_cache(maxsize=None)
 def hadamard_matrix(n: int, device: torch.device) -> Tensor:
-    return fwht(torch.eye(n)).to(device)
+    return kv.fwht(torch.eye(n)).to(device)
 
 
 def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
@@ -1468,10 +1458,11 @@ CHALLENGE_VAL_TOKENS = 62_021_632  # the FineWeb validation split the challenge 
 
 
 def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT, scored_model: nn.Module, d: Dist,
-                   val_tokens: Tensor, luts: ByteLUTs, val_seqs: int, out: Path, log) -> list[dict]:
+                   val_tokens: Tensor, luts: ByteLUTs, val_seqs: int, out: Path, log, parameters: int) -> list[dict]:
     """CODEC_COMPARE: the trained weights exported with each codec (rank 0), reloaded and rescored on every
     rank; the codecs' bytes and scores on the same weights (post-training quantization for all but the
-    codec QAT trained with). Leaves the model holding the last codec's weights: reload the shipped ones."""
+    codec QAT trained with); bits per weight over the model's `parameters`. Leaves the model holding the last
+    codec's weights: reload the shipped ones."""
     rows = []
     for spec in args.codec_compare.split():
         codec = CodecSettings.parse(spec, args.quant_seed)
@@ -1488,11 +1479,10 @@ def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT
         if d.master:
             sizes = compressed_sizes(path)
             path.unlink()
-            n = sum(t.numel() for t in trained.values())
             rows.append({"codec": codec.spec(), "val_loss": loss, "val_bpb": score, **{f"{k}_bytes": v for k, v in
-                         sizes.items()}, **{f"bits_per_weight_{k}": 8 * v / n for k, v in sizes.items()}})
+                         sizes.items()}, **{f"bits_per_weight_{k}": 8 * v / parameters for k, v in sizes.items()}})
             log(f"codec_compare codec:{codec.spec()} val_loss:{loss:.8f} val_bpb:{score:.8f} "
-                + " ".join(f"{k}_bytes:{v} bits_per_weight_{k}:{8 * v / n:.3f}" for k, v in sizes.items()))
+                + " ".join(f"{k}_bytes:{v} bits_per_weight_{k}:{8 * v / parameters:.3f}" for k, v in sizes.items()))
     return rows
 
 
@@ -1764,7 +1754,8 @@ def main() -> None:
     parameters = sum(t.numel() for t in state.values())
     if args.codec_compare:
         t_compare = time.perf_counter()
-        codec_rows = compare_codecs(args, trained, model, ddp_model, d, val_tokens, luts, val_seqs, out, log)
+        codec_rows = compare_codecs(args, trained, model, ddp_model, d, val_tokens, luts, val_seqs, out, log,
+                                    parameters)
         model.load_state_dict(state, strict=True)
         phases["codec_compare"] = time.perf_counter() - t_compare
 

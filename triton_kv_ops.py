@@ -84,6 +84,16 @@ def group_dequantize(q: Tensor, scale: Tensor, group: int) -> Tensor:
     return (q.float().reshape(*q.shape[:-1], -1, group) * scale.float()[..., None]).reshape(q.shape)
 
 
+def fwht(x: Tensor) -> Tensor:
+    """Unnormalized Sylvester-Hadamard transform over the last dim (a power of two)."""
+    shape, d, h = x.shape, x.shape[-1], 1
+    while h < d:
+        x = x.reshape(*shape[:-1], d // (2 * h), 2, h)
+        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(shape)
+
+
 def pack_nibbles(q: Tensor) -> Tensor:
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
@@ -384,8 +394,8 @@ def gaussian_lloyd_max(levels: int) -> tuple[float, ...]:
     """The Lloyd-Max quantizer of N(0, 1): `levels` centroids, each the mean of its cell, whose edges are the
     midpoints between centroids; Lloyd's iteration on the closed-form cell means, to a fixed point (1e-12)."""
     cents = torch.linspace(-2.5, 2.5, levels, dtype=torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
     for _ in range(100_000):
-        inf = torch.tensor([math.inf], dtype=torch.float64)
         edges = torch.cat((-inf, (cents[1:] + cents[:-1]) / 2, inf))
         pdf = torch.exp(-edges * edges / 2) / math.sqrt(2 * math.pi)  # 0 at +-inf
         new = (pdf[:-1] - pdf[1:]) / (torch.special.ndtr(edges[1:]) - torch.special.ndtr(edges[:-1]))
@@ -402,9 +412,7 @@ def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tenso
         raise ValueError(f"tq4 needs a power-of-two head_dim, not {head_dim}")
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (head_dim,), generator=gen).float() * 2 - 1
-    h = torch.ones(1, 1)
-    while h.shape[0] < head_dim:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)))
+    h = fwht(torch.eye(head_dim))
     return signs.to(device), h.half().to(device), (signs[:, None] * h / math.sqrt(head_dim)).to(device)
 
 

@@ -4,6 +4,7 @@
 #   STAGES="standin:polar43334 decode kv" CORPUS=.device/wikipedia bash benchmarks/device_run.sh
 # Stages:
 #   standin:CONFIG  benchmarks/standin_protocol.py for CONFIG (its CONFIGS), one row appended to $OUT/standin_results.md;
+#                   SET="KEY=VALUE ..." adds trainer settings to the configuration (its row and run id name them);
 #                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
 #                   pass through to the trainer
 #   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
@@ -37,7 +38,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
     standin:*)
       timeout ${RUN_TIMEOUT:-560} python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
         --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
-        ${COMMIT:+--commit $COMMIT} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+        ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]}
       log=$(ls -t "$RUNS"/*.out | head -1)
       grep -E "train_summary|roundtrip_exact|Total submission|codec_compare|final_ar|final_teacher|final_sliding|eval_budget|phase_times|WARNING|Error" \

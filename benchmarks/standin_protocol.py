@@ -59,7 +59,7 @@ def build_shards(corpus: Path, data: Path, val_tokens: int) -> None:
 
 
 def run_config(name: str, extra: dict, a, tg) -> dict:
-    settings = " ".join(f"{k}={v}" for k, v in extra.items())
+    settings = " ".join(f"{k}={v}" for k, v in {**CONFIGS[name], **extra}.items())
     run_id = name + (f"_{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if extra else "")  # the table names them
     out = a.out_dir / run_id
     if out.exists():
@@ -77,7 +77,7 @@ def run_config(name: str, extra: dict, a, tg) -> dict:
     summary = json.loads((out / "logs" / f"{run_id}.json").read_text())
     sizes = tg.compressed_sizes(out / f"final_model.{tg.CodecSettings.parse(summary['codec'], 0).label}.ptz")
     summary["bits_per_weight_by_compressor"] = {k: 8 * v / summary["parameters"] for k, v in sizes.items()}
-    summary["settings"] = " ".join(f"{k}={v}" for k, v in {**CONFIGS[name], **extra}.items()) or "defaults"
+    summary["settings"] = settings or "defaults"
     return summary
 
 
