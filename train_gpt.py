@@ -120,7 +120,7 @@ class Hyperparameters:
     eval_stride: int = 0  # >0: the teacher-forced sliding-window reference at this stride (the leaderboard's 64)
     kv_eval_cuda_graph: bool = True
     kv_group_size: int = 32
-    kv_qjl_dim: int = 256
+    kv_qjl_dim: int = 32
     kv_value_bits: int = 4
     kv_recent_exact_tokens: int = 8
     kv_seed: int = 0
@@ -170,7 +170,7 @@ class Hyperparameters:
              f"MODEL_DIM={self.model_dim} / NUM_HEADS must be an even head_dim for RoPE")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
-        need(self.kv_qjl_dim % 8 == 0, "kv_qjl_dim", "must be a multiple of 8 (sign bits are packed 8 per byte)")
+        need(self.kv_qjl_dim in (32, 64, 128, 256), "kv_qjl_dim", "must be 32, 64, 128 or 256 (the kernels' sketch tiles)")
         need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
         for name in ("int_bits", "int_embed_bits"):
             need(2 <= getattr(self, name) <= 8, name, "must be in 2..8")

@@ -3,6 +3,9 @@ driver as the final eval: windows mode (validation windows tiled to fill the bat
 teacher forcing; a window's cache averages half full) and the ring eval's steady state (every row's cache
 full: C entries, the --steps decode steps after the first C are timed).
 Without an artifact: a randomly initialized challenge-size model (throughput only; its bpb means nothing).
+With --ring-tokens N: instead, the artifact rescored by the ring eval over the first N validation targets, the
+exact backend and then each backend, its delta vs exact and bytes/token (KV settings from the environment,
+as the trainer reads them), so a KV codec can be ranked on trained weights without retraining.
 
     python benchmarks/benchmark_decode.py --artifact final_model.polar.ptz --data-path DIR --batches 1,64,256,512,1024,2048
 """
@@ -20,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+import triton_kv_ops as kv  # noqa: E402
 
 
 def ring_decoder(args, model, val, backend: str, batch: int, steps: int, device) -> tg.Decoder:
@@ -58,6 +62,26 @@ def profile(args, model, val, backend: str, batch: int, device) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
+def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, device) -> list[dict]:
+    """The ring eval (KV_EVAL_BATCH rows, a C-entry ring) of the first n_tokens targets through the exact backend,
+    then through each backend, with its delta vs exact."""
+    if val.numel() - 1 < n_tokens:
+        raise SystemExit(f"--ring-tokens {n_tokens}: the validation split holds only {val.numel() - 1} targets")
+    plan = tg.ring_plan(val[:n_tokens + 1], args.kv_eval_batch, args.kv_eval_context_len or args.train_seq_len)
+    exact = tg.autoregressive_eval(args, model, plan, luts, kv.exact_backend(device), device, print)
+    rows = [exact]
+    for backend in backends:
+        r = tg.autoregressive_eval(args, model, plan, luts, backend, device, print)
+        r["delta_vs_exact"] = r["val_bpb"] - exact["val_bpb"]
+        rows.append(r)
+    bf16_bytes = exact["bytes_per_token"]
+    for r in rows:
+        print(f"ring {r['backend']:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r.get('delta_vs_exact', 0.0):+.6f}  "
+              f"bytes/token {r['bytes_per_token']} ({r['bytes_per_token'] / bf16_bytes:.3f}x bf16)  "
+              f"{r['tok_s']:.0f} tok/s over {r['tokens']} tokens")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--artifact", type=Path)
@@ -69,8 +93,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=256, help="full-cache decode steps timed per backend and batch")
     p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "
                    "at this batch, mid-window, of the first backend (torch.profiler)")
+    p.add_argument("--ring-tokens", type=int, metavar="N", help="instead: the ring eval's delta vs exact per backend "
+                   "over the first N validation targets (needs --artifact)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
     a = p.parse_args()
+    if a.ring_tokens and not a.artifact:
+        p.error("--ring-tokens rescores a trained model: pass --artifact")
     device = torch.device("cuda")
     if a.artifact:
         state, meta = tg.load_artifact(a.artifact)
@@ -86,11 +114,14 @@ def main() -> None:
             for w in model.parameters():
                 w.add_(torch.randn_like(w) * 0.02)
     model.eval()
-    args = dataclasses.replace(tg.Hyperparameters(), **config, data_path=a.data_path, tokenizer_path=a.tokenizer)
+    args = dataclasses.replace(tg.Hyperparameters.from_env(), **config, data_path=a.data_path, tokenizer_path=a.tokenizer)
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
     if a.profile:
         return profile(args, model, val, a.backends.split(",")[0], a.profile, device)
+    if a.ring_tokens:
+        rows = ring_deltas(args, model, val, luts, a.backends.split(","), a.ring_tokens, device)
+        return a.out.write_text(json.dumps(rows, indent=2))
     rows, teacher_forced = [], {}
     for backend in a.backends.split(","):
         for batch in map(int, a.batches.split(",")):

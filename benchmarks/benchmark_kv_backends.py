@@ -69,7 +69,7 @@ WIDE_GRID = ((32, 64, 128, 256), (2, 4, 8), (1, 2, 3), (4, 8, 16), (None, 128))
 GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          "int8": ((64, 128, 256), (2, 4), (1, 2, 3), (4, 8), (None, 128)),
          "tq4": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128)),
-         "qjl": ((32, 64, 128, 256), (4, 8), (1,), (4, 8, 16), (None, 128))}  # 2 stages, cap 168: never won
+         "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--shapes", default="1024x1,16384x64,1024x512", help="--sweep: context x batch")
     p.add_argument("--out", type=Path, default=Path("kv_bench.json"))
     a = p.parse_args()
-    cfg = kv.KVConfig(group_size=32, qjl_dim=256, value_bits=4)
+    cfg = kv.KVConfig(group_size=32, value_bits=4)
     if a.sweep:
         return sweep(a, cfg)
     bw = copy_bandwidth()

@@ -8,6 +8,8 @@
 #                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
 #                   pass through to the trainer
 #   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
+#   ring            the last artifact (or $ART) rescored by the ring eval over RING_TOKENS targets: exact, then
+#                   each of RING_BACKENDS with its delta vs exact (KV_* settings from the environment)
 #   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
 #   isolation       the artifact isolation check on the last artifact (or $ART) in a fresh process
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
@@ -49,6 +51,13 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
       timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
         --backends ${DECODE_BACKENDS:-int8_triton,tq4_triton} --batches ${DECODE_BATCHES:-1,1024} \
         --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"
+      rc=${PIPESTATUS[0]} ;;
+    ring)
+      art=${ART:-$(last_artifact)}
+      timeout ${RING_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py --artifact "$art" --data-path "$DATA" \
+        --backends ${RING_BACKENDS:-int8_triton,tq4_triton,qjl_triton,qjl_recentk_triton} \
+        --ring-tokens ${RING_TOKENS:-262144} --out "$RUNS/ring_deltas.json" 2>&1 | grep -E "^ring|Error" \
+        | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     kv)
       timeout ${KV_TIMEOUT:-240} python3 benchmarks/benchmark_kv_backends.py --contexts ${KV_CONTEXTS:-1024,16384} \
