@@ -5,6 +5,7 @@
 # Stages:
 #   standin:CONFIG  benchmarks/standin_protocol.py for CONFIG (its CONFIGS), one row appended to $OUT/standin_results.md;
 #                   SET="KEY=VALUE ..." adds trainer settings to the configuration (its row and run id name them);
+#                   TRAIN_SECONDS: the training wallclock (default the protocol's 240 s);
 #                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
 #                   pass through to the trainer
 #   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
@@ -40,7 +41,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
     standin:*)
       timeout ${RUN_TIMEOUT:-560} python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
         --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
-        ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+        ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} ${TRAIN_SECONDS:+--seconds $TRAIN_SECONDS} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]}
       log=$(ls -t "$RUNS"/*.out | head -1)
       grep -E "train_summary|roundtrip_exact|Total submission|codec_compare|final_ar|final_teacher|final_sliding|eval_budget|phase_times|WARNING|Error" \
@@ -65,7 +66,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         | tail -40 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     sweep)
-      timeout 300 python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} \
+      timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} \
         ${KV_BACKENDS:+--backends $KV_BACKENDS} --out "$RUNS/kv_sweep.json" 2>&1 | grep -v Warning | tail -60 \
         | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
