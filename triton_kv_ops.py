@@ -644,7 +644,7 @@ if triton is not None:
 
     @triton.jit
     def _int8_fp16(codes):
-        """int8 codes in [-127, 127] -> fp16, exactly: 1024 + (c + 128) as an fp16 bit pattern, less 1152. Integer
+        """int8 codes (any of -128..127) -> fp16, exactly: 1024 + (c + 128) as an fp16 bit pattern, less 1152. Integer
         ops instead of the int8-to-fp16 conversion, which bound the int8 decoder at full cache and batch 1024."""
         return _fp16_bits(codes.to(tl.int32) + (FP16_1024 + 128)) - 1152.0
 

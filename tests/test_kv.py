@@ -98,6 +98,22 @@ def test_qjl_score_is_unbiased_and_variance_falls_like_1_over_m():
     assert 2.8 < var[64] / var[256] < 5.5, var
 
 
+def test_int8_decoder_is_exact_for_every_code():
+    """The kernels decode int8 codes through an fp16 bit pattern, not a conversion: every one of the 256 codes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode(codes_ptr, out_ptr):
+        offs = tl.arange(0, 256)
+        tl.store(out_ptr + offs, kv._int8_fp16(tl.load(codes_ptr + offs)))
+
+    codes = torch.arange(-128, 128, dtype=torch.int8)
+    out = torch.empty(256, dtype=torch.float16)
+    decode[(1,)](codes, out)
+    assert torch.equal(out, codes.half())
+
+
 def test_sign_table_rows_are_the_unpacked_nibbles():
     table = kv.sign_table("cpu").reshape(16, 4).float()
     assert torch.equal(table, kv.unpack_signs(torch.arange(16, dtype=torch.uint8)).reshape(16, 8)[:, :4])
