@@ -353,7 +353,10 @@ class TurboQuantMSE:
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (..., D) -> packed codes (..., D // 2) uint8, scale (...,) fp16."""
-        xr = x.float() @ self.rotation
+        return self.encode_rotated(x.float() @ self.rotation)
+
+    def encode_rotated(self, xr: Tensor) -> tuple[Tensor, Tensor]:
+        """encode() of a vector already in the rotated basis (fp32)."""
         u = xr * (math.sqrt(xr.shape[-1]) / xr.norm(dim=-1, keepdim=True).clamp_min(1e-30))
         code = torch.bucketize(u, self.bounds)  # the boundaries below each coordinate
         c = self.centroids[code]
@@ -385,7 +388,8 @@ class TQ4Cache(KVCache):
             self.store(f"{name}_scale", slots, active, scale)
 
     def scores(self, q):
-        return torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, self.mse.decode_rotated(self.k_codes, self.k_scale))
+        keys = self.mse.decode_rotated(self.k_codes, self.k_scale)
+        return torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, keys)
 
     def values(self):
         return self.mse.decode_rotated(self.v_codes, self.v_scale) @ self.mse.rotation.T
@@ -418,8 +422,9 @@ class QJLCache(KVCache):
         self.buffer("v_s", g, dtype=torch.float16)
 
     def write(self, k, v, slots, active):
-        codes, scale = self.mse.encode(k)
-        residual = k.float() @ self.mse.rotation - self.mse.decode_rotated(codes, scale)
+        kr = k.float() @ self.mse.rotation
+        codes, scale = self.mse.encode_rotated(kr)
+        residual = kr - self.mse.decode_rotated(codes, scale)
         self.store("k_codes", slots, active, codes)
         self.store("k_scale", slots, active, scale)
         self.store("k_bits", slots, active, pack_signs(residual @ self.sketch.float().T))
@@ -575,9 +580,9 @@ if triton is not None:
         and the query heads, scaled by their gains, are stored to q_out in the form the attention kernel takes
         (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
         sketched residual and its norm; with RECENT, the rotated key also goes to a ring of the RECENT newest
-        keys, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation matrix is loaded
-        once per program and applied by a tensor-core dot. A row whose position is negative is inactive:
-        nothing of it is written."""
+        keys, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation
+        matrix is loaded once per program and applied by a tensor-core dot. A row whose position is negative is
+        inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
         slot = tl.maximum(pos, 0) % CAP
@@ -676,15 +681,12 @@ if triton is not None:
         elif KEY == "int8":
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             score = tl.dot(q, tl.trans(_scale_groups(_int8_fp16(k), ks_ptr, entry, nmask, GROUP)))
-        elif KEY == "tq4":
-            q_even, q_odd = q
-            k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, table_ptr, entry, nmask, D)
-            score = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
         else:
-            tl.static_assert(KEY == "qjl", "unknown key codec: exact, int8, tq4 or qjl")
-            q_even, q_odd, sq_low, sq_high = q
+            tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
             k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, table_ptr, entry, nmask, D)
-            score = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
+            score = tl.dot(q[0], tl.trans(k_even)) + tl.dot(q[1], tl.trans(k_odd))
+        if KEY == "qjl":
+            sq_low, sq_high = q[2], q[3]
             byte = tl.load(kbits_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
             lane = tl.arange(0, 4)[None, None, :]
@@ -948,7 +950,8 @@ class TritonAttendMixin:
         t = self.tables()
         _kv_write_kernel[(self.batch, self.heads // group)](
             x, v, query_tensor(x if q is None else q), positions, positions.stride(0), self.lengths,
-            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.codes(), t.sketch, t.rot_signs, t.hadamard, t.codebook,
+            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.codes(), t.sketch,
+            t.rot_signs, t.hadamard, t.codebook,
             x.stride(0), self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads,
             H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)),
             BLOCK_V=max(16 if self.value_codec == "tq4" else 1, triton.next_power_of_2(group)), KEY=self.key_codec,
@@ -971,10 +974,10 @@ class TritonAttendMixin:
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         t = self.tables()
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            query_tensor(q), *self.codes(), t.sketch, t.key_table, t.sign_table, t.value_table, self.lengths, self.mid_o,
-            self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
-            KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim,
-            GROUP=self.cfg.group_size, M=self.cfg.qjl_dim, RECENT=self.recent, BLOCK_H=max(16, triton.next_power_of_2(g)),
+            query_tensor(q), *self.codes(), t.sketch, t.key_table, t.sign_table, t.value_table, self.lengths,
+            self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
+            KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
+            M=self.cfg.qjl_dim, RECENT=self.recent, BLOCK_H=max(16, triton.next_power_of_2(g)),
             BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.max_registers)
         return out
