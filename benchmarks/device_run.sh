@@ -5,7 +5,7 @@
 # Stages:
 #   standin:CONFIG  benchmarks/standin_protocol.py for CONFIG (its CONFIGS), one row appended to $OUT/standin_results.md;
 #                   SET="KEY=VALUE ..." adds trainer settings to the configuration (its row and run id name them);
-#                   TRAIN_SECONDS: the training wallclock (default the protocol's 240 s);
+#                   TRAIN_SECONDS: the training wallclock (default the protocol's 240 s); RUN_NAME: its run id;
 #                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
 #                   pass through to the trainer
 #   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
@@ -41,7 +41,8 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
     standin:*)
       timeout ${RUN_TIMEOUT:-560} python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
         --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
-        ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} ${TRAIN_SECONDS:+--seconds $TRAIN_SECONDS} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+        ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} ${TRAIN_SECONDS:+--seconds $TRAIN_SECONDS} \
+        ${RUN_NAME:+--run-id $RUN_NAME} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]}
       log=$(ls -t "$RUNS"/*.out | head -1)
       grep -E "train_summary|roundtrip_exact|Total submission|codec_compare|final_ar|final_teacher|final_sliding|eval_budget|phase_times|WARNING|Error" \

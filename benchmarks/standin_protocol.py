@@ -60,7 +60,7 @@ def build_shards(corpus: Path, data: Path, val_tokens: int) -> None:
 
 def run_config(name: str, extra: dict, a, tg) -> dict:
     settings = " ".join(f"{k}={v}" for k, v in {**CONFIGS[name], **extra}.items())
-    run_id = name + (f"_{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if extra else "")  # the table names them
+    run_id = a.run_id or name + (f"_{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if extra else "")
     out = a.out_dir / run_id
     if out.exists():
         raise SystemExit(f"{out} exists from an earlier run: remove it or pass another --out-dir")
@@ -99,12 +99,16 @@ def main() -> None:
     p.add_argument("--val-tokens", type=int, default=2_000_000)
     p.add_argument("--commit", help="the code's commit for the table (default: git rev-parse in --code-dir)")
     p.add_argument("--code-dir", type=Path, default=ROOT, help="the train_gpt.py to run (a records folder, say)")
+    p.add_argument("--run-id", help="the run's name, for one --config (default: the config's name, and with --set "
+                   "a hash of the settings, which the table's settings column spells out)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "out" / "standin")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "standin_results.md")
     a = p.parse_args()
     bad = [kv for kv in a.set if "=" not in kv]
     if bad:
         p.error(f"--set takes KEY=VALUE, not {' '.join(bad)}")
+    if a.run_id and len(a.config) > 1:
+        p.error("--run-id names one run: pass one --config with it")
     extra = dict(kv.split("=", 1) for kv in a.set)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     build_shards(a.corpus, a.data, a.val_tokens)

@@ -177,3 +177,10 @@ def test_standin_protocol_appends_a_row(tmp_path, sample_docs):
     summary = json.loads(next((tmp_path / "runs").glob("int5r_*/logs/*.json")).read_text())
     cells = [c.strip() for c in rows[1].split("|")]
     assert cells[7] == "3" and cells[10] == f"{summary['roundtrip_val_bpb']:.5f}" and cells[11] == f"{summary['model_bytes']:,}"
+
+
+def test_standin_protocol_run_id_names_one_run(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8", "int5r", "--run-id",
+           "mine", "--corpus", str(tmp_path), "--out-dir", str(tmp_path / "runs")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and "--run-id names one run" in p.stderr and not (tmp_path / "runs").exists()
