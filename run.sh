@@ -15,8 +15,8 @@ fi
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 compare_kv=$([ "$gpus" -gt 0 ] && echo qjl_triton,qjl_recentk_triton,tq4_triton || echo qjl,qjl_recentk)
 
-record_env() {  # the submission's configuration: polar QAT + polar export; 9 layers, the best measured on the
-  # stand-in (240 s, one H200: 9 layers 1.27017-1.27309 at 7.95 MB, 12 layers 1.30356; benchmarks/standin_results.md)
+record_env() {  # the submission's configuration: polar QAT + polar export; 9 layers, the best polar depth measured on
+  # the stand-in (240 s, one H200: 9 layers 1.26974-1.27309 at 7.95 MB, 12 layers 1.30356; benchmarks/standin_results.md)
   export NUM_LAYERS=${NUM_LAYERS:-9} QAT_SCHEME=${QAT_SCHEME:-polar} WEIGHT_QUANT_SCHEME=${WEIGHT_QUANT_SCHEME:-polar} \
     QAT_START_FRAC=${QAT_START_FRAC:-0.85} POLAR_BITS=${POLAR_BITS:-4,3,3,3,4} POLAR_EMBED_BITS=${POLAR_EMBED_BITS:-5,4,4,4,5} \
     KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-auto} KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$compare_kv} \

@@ -1,6 +1,7 @@
 """Every records folder holds the code its logs were produced by, and runs by itself."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -27,11 +28,52 @@ def test_code_is_the_source_recorded_in_its_logs(folder):
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
 def test_submission_json_matches_its_run(folder):
+    """val_bpb is the run's scored eval: the AR eval's scored line where the run has one, else the roundtrip."""
     sub = json.loads((folder / "submission.json").read_text())
     code = sum((folder / n).stat().st_size for n in CODE_NAMES)
     assert sub["bytes_code"] == code and sub["bytes_total"] == sub["bytes_model"] + code <= 16_000_000
     run = json.loads((folder / f"{sub['run_id']}.json").read_text())
-    assert run["roundtrip_val_bpb"] == pytest.approx(sub["val_bpb"], abs=1e-8) and run["total_bytes"] == sub["bytes_total"]
+    scored = run.get("ar_eval", {}).get("scored", {}).get("val_bpb", run["roundtrip_val_bpb"])
+    assert scored == pytest.approx(sub["val_bpb"], abs=1e-8) and run["total_bytes"] == sub["bytes_total"]
+    assert run["pre_roundtrip_val_bpb"] == pytest.approx(sub["pre_quant_val_bpb"], abs=1e-8)
+
+
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def readme_figures(text: str) -> list[str]:
+    """The numbers of a README's prose and tables: not in code (fenced or inline), dates or names (int8, H200)."""
+    text = re.sub(r"```.*?```|`[^`]*`|\d{4}-\d{2}-\d{2}\w*", " ", text, flags=re.S)
+    return [m.group() for m in NUMBER.finditer(text)
+            if not (m.start() and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "_.")) and
+            not (m.end() < len(text) and (text[m.end()].isalnum() or text[m.end()] == "_"))]
+
+
+def recorded_numbers(folder) -> dict[int, set[str]]:
+    """Every number of the folder's logs and JSON files, as it reads at 0..8 decimals."""
+    found = set()
+    for path in [*folder.glob("*.log"), *folder.glob("*.json")]:
+        found.update(float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?", path.read_text(encoding="utf-8")))
+    return {d: {f"{x:.{d}f}" for x in found} for d in range(9)}
+
+
+def test_readme_figure_check_catches_a_figure_no_log_holds(tmp_path):
+    (tmp_path / "run.json").write_text('{"val_bpb": 1.2697406801996804, "bytes": 7949407, "tok_s": 543821.7}')
+    recorded = recorded_numbers(tmp_path)
+    figures = readme_figures("| polar | 1.26974 | 7,949,407 | 543,822 | int8 H200 `X=3` 2026-12-03 | 1.26975 | 0.675× |")
+    assert figures == ["1.26974", "7,949,407", "543,822", "1.26975", "0.675"]
+    missing = [f for f in figures if f.replace(",", "") not in recorded[len(f.partition(".")[2])]]
+    assert missing == ["1.26975", "0.675"]
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_every_readme_figure_is_in_a_log_or_json_file(folder):
+    """A figure of the README, read as written (thousands separators dropped, at its decimals), is a number
+    of one of the folder's logs or JSON files."""
+    recorded = recorded_numbers(folder)
+    figures = readme_figures((folder / "README.md").read_text(encoding="utf-8"))
+    missing = [f for f in figures if f.replace(",", "") not in recorded[len(f.partition(".")[2])]]
+    assert figures and not missing, f"figures in {folder.name}/README.md that no log or JSON holds: {missing}"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)

@@ -99,30 +99,36 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0
     # Weight quantization: QAT in training, the same codec at export.
-    qat_scheme: str = "none"  # none | int8 | polar
+    qat_scheme: str = "none"  # none | int8 | int | polar
     qat_start_frac: float = 0.5
-    weight_quant_scheme: str = "int8"  # int8 | polar
+    weight_quant_scheme: str = "int8"  # int8 (the baseline's) | int (INT_BITS per row) | polar
+    int_bits: int = 6
+    int_embed_bits: int = 8
+    int_rotate: bool = False  # int: code each row after a seeded randomized Hadamard rotation
     polar_bits: str = "4,3,3,3,4"
     polar_embed_bits: str = "5,4,4,4,5"
-    polar_seed: int = 20240520
+    quant_seed: int = 20240520  # the rotations' seed
     compressor: str = "zlib"  # zlib | lzma
+    codec_compare: str = ""  # space-separated codec specs (see CodecSettings.spec) to export and rescore the same weights with
     # Final autoregressive eval through the KV cache (rank 0).
-    kv_quant_backend: str = "int8_triton"
+    kv_quant_backend: str = "auto"  # auto: int8_triton on CUDA, int8 elsewhere
     kv_eval_compare_backends: str = ""
-    kv_eval_max_tokens: int = 0  # 0: the whole validation split
-    kv_eval_batch: int = 1024
-    kv_eval_context_len: int = 0  # 0: TRAIN_SEQ_LEN windows; >0: sliding cache over one stream per row
+    kv_eval_max_tokens: int = 0  # the scored AR eval's targets; 0: the whole validation split
+    kv_eval_compare_tokens: int = 262_144  # the exact reference, windows check and comparisons: a prefix of those
+    kv_eval_batch: int = 1024  # rows decoded at once; the scored eval cuts the split into this many spans
+    kv_eval_context_len: int = 0  # the ring cache's entries C; 0: TRAIN_SEQ_LEN
+    eval_stride: int = 0  # >0: the teacher-forced sliding-window reference at this stride (the leaderboard's 64)
     kv_eval_cuda_graph: bool = True
     kv_group_size: int = 32
-    kv_qjl_dim: int = 256
+    kv_qjl_dim: int = 32
     kv_value_bits: int = 4
     kv_recent_exact_tokens: int = 8
     kv_seed: int = 0
 
     CHOICES = {
         "compile": ("auto", "0", "1"),
-        "qat_scheme": ("none", "int8", "polar"),
-        "weight_quant_scheme": ("int8", "polar"),
+        "qat_scheme": ("none", "int8", "int", "polar"),
+        "weight_quant_scheme": ("int8", "int", "polar"),
         "compressor": ("zlib", "lzma"),
     }
 
@@ -153,27 +159,50 @@ class Hyperparameters:
                      "kv_qjl_dim", "muon_backend_steps"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("warmup_steps", "warmdown_iters", "val_loss_every", "train_log_every", "val_max_tokens",
-                     "grad_accum_steps", "kv_eval_max_tokens", "kv_eval_context_len", "kv_recent_exact_tokens",
-                     "muon_momentum_warmup_steps"):
+                     "grad_accum_steps", "kv_eval_max_tokens", "kv_eval_compare_tokens", "kv_eval_context_len",
+                     "eval_stride", "kv_recent_exact_tokens", "muon_momentum_warmup_steps"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.max_wallclock_seconds >= 0, "max_wallclock_seconds", "must be >= 0 (0 disables the cap)")
         need(0.0 <= self.qat_start_frac <= 1.0, "qat_start_frac", "must be in [0, 1]")
-        need(self.model_dim % self.num_heads == 0, "model_dim", "must be divisible by NUM_HEADS")
-        need(self.num_heads % self.num_kv_heads == 0, "num_heads", "must be divisible by NUM_KV_HEADS")
-        need((self.model_dim // self.num_heads) % 2 == 0, "model_dim", "head_dim must be even for RoPE")
+        need(self.model_dim % self.num_heads == 0, "num_heads", f"must divide MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide NUM_HEADS={self.num_heads}")
+        need((self.model_dim // self.num_heads) % 2 == 0, "num_heads",
+             f"MODEL_DIM={self.model_dim} / NUM_HEADS must be an even head_dim for RoPE")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
-        need(self.kv_qjl_dim % 8 == 0, "kv_qjl_dim", "must be a multiple of 8 (sign bits are packed 8 per byte)")
+        need(self.kv_qjl_dim in (32, 64, 128, 256), "kv_qjl_dim", "must be 32, 64, 128 or 256 (the kernels' sketch tiles)")
         need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
+        for name in ("int_bits", "int_embed_bits"):
+            need(2 <= getattr(self, name) <= 8, name, "must be in 2..8")
         for name in ("polar_bits", "polar_embed_bits"):
             try:
                 bits = parse_polar_bits(getattr(self, name))
             except ValueError:
                 bits = ()
             need(bool(bits) and all(1 <= b <= 8 for b in bits), name, "must be comma-separated bits in 1..8, e.g. 4,3,3,2")
-        for name in [self.kv_quant_backend, *self.compare_backends]:
-            if name not in kv.KV_BACKENDS:
-                raise ValueError(f"KV backend {name!r} is unknown; valid backends: {', '.join(kv.KV_BACKENDS)}")
+        for spec in self.codec_compare.split():
+            try:
+                CodecSettings.parse(spec, self.quant_seed)
+            except ValueError as e:
+                raise ValueError(f"CODEC_COMPARE={self.codec_compare!r}: {e}") from None
+        for var, name in self.named_backends():
+            if name not in kv.KV_BACKENDS and not (var == "KV_QUANT_BACKEND" and name == "auto"):
+                raise ValueError(f"{var}: KV backend {name!r} is unknown; valid backends: auto (KV_QUANT_BACKEND "
+                                 f"only), {', '.join(kv.KV_BACKENDS)}")
+
+    def named_backends(self) -> list[tuple[str, str]]:
+        return [("KV_QUANT_BACKEND", self.kv_quant_backend)] + [("KV_EVAL_COMPARE_BACKENDS", b)
+                                                                for b in self.compare_backends]
+
+    def check_runs_on(self, device: torch.device) -> None:
+        """Resolves KV_QUANT_BACKEND=auto for the device and refuses, before any training, a backend that
+        cannot run there (a Triton backend on a CPU without the interpreter)."""
+        if self.kv_quant_backend == "auto":
+            self.kv_quant_backend = kv.default_backend(device)
+        for var, name in self.named_backends():
+            problem = kv.backend_problem(name, device)
+            if problem:
+                raise ValueError(f"{var}={name}: {problem}")
 
     @property
     def compare_backends(self) -> list[str]:
@@ -192,6 +221,15 @@ class Hyperparameters:
         return kv.KVConfig(group_size=min(self.kv_group_size, head_dim), qjl_dim=self.kv_qjl_dim,
                            value_bits=self.kv_value_bits, recent_exact_tokens=self.kv_recent_exact_tokens,
                            seed=self.kv_seed)
+
+    def codec_settings(self, scheme: str) -> "CodecSettings":
+        """The weight codec's settings for `scheme` (QAT_SCHEME or WEIGHT_QUANT_SCHEME)."""
+        if scheme == "int":
+            return CodecSettings("int", (self.int_bits,), (self.int_embed_bits,), self.int_rotate, self.quant_seed)
+        if scheme == "polar":
+            return CodecSettings("polar", parse_polar_bits(self.polar_bits), parse_polar_bits(self.polar_embed_bits),
+                                 True, self.quant_seed)
+        return CodecSettings(scheme)
 
     def model_config(self) -> dict:
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
@@ -246,6 +284,15 @@ def init_distributed() -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return Dist(rank, world_size, local_rank, device)
+
+
+def step_range(step: int, d: Dist) -> tuple[int, int]:
+    """(fewest, most) optimizer steps any rank took: equal on a run whose ranks stopped together."""
+    if not d.enabled:
+        return step, step
+    t = torch.tensor([-step, step], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return -int(t[0]), int(t[1])
 
 
 def all_ranks_agree(flag: bool, d: Dist) -> bool:
@@ -447,14 +494,70 @@ class Int8RowCodec:
         out.copy_(self.decode(enc, w.shape).to(out.device) - w)
 
 
-def fwht(x: Tensor) -> Tensor:
-    """Unnormalized Sylvester-Hadamard transform over the last dim (a power of two)."""
-    shape, d, h = x.shape, x.shape[-1], 1
-    while h < d:
-        x = x.reshape(*shape[:-1], d // (2 * h), 2, h)
-        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(shape)
+def padded_width(cols: int) -> int:
+    return 1 << max(cols - 1, 1).bit_length()
+
+
+@lru_cache(maxsize=None)
+def rotation_signs(seed: int, d: int, device: torch.device) -> Tensor:
+    gen = torch.Generator().manual_seed(seed + d)
+    return (torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1).to(device)
+
+
+def hadamard_rotate(w: Tensor, signs: Tensor) -> Tensor:
+    """Rows zero-padded to d = len(signs), sign-flipped, then the orthonormal Hadamard transform: x = H D w."""
+    d = signs.numel()
+    return kv.fwht(F.pad(w.float(), (0, d - w.shape[1])) * signs) / math.sqrt(d)
+
+
+def hadamard_unrotate(x: Tensor, signs: Tensor, cols: int) -> Tensor:
+    return (kv.fwht(x) / math.sqrt(signs.numel()) * signs)[:, :cols]
+
+
+class IntRowCodec:
+    """Symmetric k-bit codes (k = 2..8) with one fp16 absmax scale per row, optionally of the row after a
+    seeded randomized Hadamard rotation (which spreads outliers, so the absmax scale wastes fewer levels).
+    Codes of 4 bits or fewer are bit-packed; wider ones take a byte each, which the compressor then
+    squeezes toward their entropy (measured on trained-like rows: int6 as bytes 4.4 bits/weight with
+    lzma, bit-packed 5.1)."""
+
+    name = "int"
+
+    def __init__(self, bits: int, rotate: bool, seed: int):
+        self.bits, self.rotate, self.seed = bits, rotate, seed
+        self.qmax = 2 ** (bits - 1) - 1
+
+    def _signs(self, cols: int, device: torch.device) -> Tensor:
+        return rotation_signs(self.seed, padded_width(cols), device)
+
+    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (codes int8 in [-qmax, qmax] (rows, width), scale fp16 (rows,)); width is padded_width if rotated."""
+        x = hadamard_rotate(w, self._signs(w.shape[1], w.device)) if self.rotate else w.float()
+        scale = (x.abs().amax(dim=1) / self.qmax).clamp_min(2.0 ** -24).half()  # the least fp16 above 0
+        return torch.clamp(torch.round(x / scale.float()[:, None]), -self.qmax, self.qmax).to(torch.int8), scale
+
+    def dequantize(self, q: Tensor, scale: Tensor, cols: int) -> Tensor:
+        x = q.float() * scale.float()[:, None]
+        return hadamard_unrotate(x, self._signs(cols, x.device), cols) if self.rotate else x
+
+    def encode(self, w: Tensor) -> dict:
+        q, scale = self.quantize(w)
+        if self.bits <= 4:
+            return {"packed": pack_bits((q.cpu().to(torch.int16) + self.qmax).to(torch.uint8), self.bits),
+                    "scale": scale.cpu()}
+        return {"q": q.cpu(), "scale": scale.cpu()}
+
+    def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
+        rows, cols = shape
+        width = padded_width(cols) if self.rotate else cols
+        q = (enc["q"] if "q" in enc else
+             (unpack_bits(enc["packed"], self.bits, rows * width).to(torch.int16) - self.qmax).reshape(rows, width))
+        return self.dequantize(q, enc["scale"], cols)
+
+    @torch.no_grad()
+    def fake_quant_(self, w: Tensor, out: Tensor) -> None:
+        q, scale = self.quantize(w)
+        out.copy_(self.dequantize(q, scale, w.shape[1]) - w)
 
 
 @lru_cache(maxsize=None)
@@ -512,15 +615,24 @@ class PolarRowCodec:
         angle_bits = sum(b * (d >> (i + 1)) for i, b in enumerate(self.level_bits(levels)))
         return rows * (angle_bits + 16) / (rows * cols)
 
-    def _rotate(self, w: Tensor, signs: Tensor) -> Tensor:
-        d = signs.numel()
-        x = F.pad(w.float(), (0, d - w.shape[1]))
-        return fwht(x * signs) / math.sqrt(d)
+    def fused(self, w: Tensor) -> bool:
+        """Where the fused Triton kernel encodes (CUDA, rows of 256+ columns). QAT and export both dispatch
+        here, so on every device training sees exactly the codes the artifact stores: the kernel and the
+        torch reference can pick different codes at near-ties, as their rotations round differently."""
+        return w.is_cuda and triton is not None and w.shape[1] >= 256
 
     def encode_codes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
+        """-> (codes of each level (rows, d >> (level + 1)) uint8, radius (rows,) fp16)."""
+        if not self.fused(w):
+            return self.reference_codes(w)
+        d = 1 << max(w.shape[1] - 1, 1).bit_length()
+        codes, radius = polar_fake_quant_triton(self, w, torch.empty(w.shape, device=w.device))
+        return list(codes.split([d >> (lvl + 1) for lvl in range(d.bit_length() - 1)], dim=1)), radius
+
+    def reference_codes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
         d = 1 << max(w.shape[1] - 1, 1).bit_length()
         signs, cos, sin, _ = self.tables(d, w.device)
-        r, codes = self._rotate(w, signs), []
+        r, codes = hadamard_rotate(w, signs), []
         for lvl in range(cos.shape[0]):
             a, b = r[:, 0::2], r[:, 1::2]
             codes.append((a[..., None] * cos[lvl] + b[..., None] * sin[lvl]).argmax(-1).to(torch.uint8))
@@ -534,7 +646,7 @@ class PolarRowCodec:
         for lvl in reversed(range(len(codes))):
             c = codes[lvl].long()
             r = torch.stack((r * cos[lvl][c], r * sin[lvl][c]), dim=-1).reshape(r.shape[0], -1)
-        return (fwht(r) / math.sqrt(d) * signs)[:, :cols]
+        return hadamard_unrotate(r, signs, cols)
 
     def encode(self, w: Tensor) -> dict:
         codes, radius = self.encode_codes(w)
@@ -552,10 +664,10 @@ class PolarRowCodec:
     @torch.no_grad()
     def fake_quant_(self, w: Tensor, out: Tensor) -> None:
         """out <- decode(encode(w)) - w: one fused Triton kernel on CUDA, the torch reference elsewhere."""
-        if w.is_cuda and triton is not None and w.shape[1] >= 256:
+        if self.fused(w):
             polar_fake_quant_triton(self, w, out)
         else:
-            codes, radius = self.encode_codes(w)
+            codes, radius = self.reference_codes(w)
             out.copy_(self.decode_codes(codes, radius, w.shape[1]) - w)
 
 
@@ -566,10 +678,9 @@ def polar_tables(bits: tuple[int, ...], seed: int, d: int, device: torch.device,
     for lvl, b in enumerate(bits):
         c = codebook(lvl, b)
         ang[lvl] = np.concatenate((c, np.full(kmax - len(c), c[-1])))
-    gen = torch.Generator().manual_seed(seed + d)
-    signs = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1 if rotate else torch.ones(d)
+    signs = rotation_signs(seed, d, device) if rotate else torch.ones(d, device=device)
     to = dict(device=device, dtype=torch.float32)
-    return (signs.to(**to), torch.tensor(np.cos(ang), **to), torch.tensor(np.sin(ang), **to),
+    return (signs, torch.tensor(np.cos(ang), **to), torch.tensor(np.sin(ang), **to),
             torch.tensor([2 ** b for b in bits], device=device, dtype=torch.int32))
 
 
@@ -641,29 +752,83 @@ if triton is not None:
 
 @lru_cache(maxsize=None)
 def hadamard_matrix(n: int, device: torch.device) -> Tensor:
-    return fwht(torch.eye(n)).to(device)
+    return kv.fwht(torch.eye(n)).to(device)
 
 
-def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor,
-                            codes: Tensor | None = None, radius: Tensor | None = None) -> None:
+def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """out <- decode(encode(w)) - w in one launch; -> (every level's codes (rows, d - 1) uint8, radius (rows,) fp16)."""
     rows, cols = w.shape
+    assert out.shape == w.shape and out.is_contiguous()
     d = 1 << max(cols - 1, 1).bit_length()
     levels = d.bit_length() - 1
     a = 1 << (levels // 2)
     b = d // a
     signs, cos, sin, ncodes = codec.tables(d, w.device)
-    codes = torch.empty((rows, d - 1), dtype=torch.uint8, device=w.device) if codes is None else codes
-    radius = torch.empty(rows, dtype=torch.float16, device=w.device) if radius is None else radius
+    codes = torch.empty((rows, d - 1), dtype=torch.uint8, device=w.device)
+    radius = torch.empty(rows, dtype=torch.float16, device=w.device)
     _polar_fake_quant_kernel[(rows,)](w.contiguous(), out, codes, radius, signs, hadamard_matrix(a, w.device),
                                       hadamard_matrix(b, w.device), cos, sin, ncodes, cols, A=a, B=b,
                                       LEVELS=levels, KMAX=cos.shape[1], num_warps=4)
+    return codes, radius
 
 
-def make_codec(scheme: str, args: Hyperparameters, name: str):
-    if scheme == "int8":
-        return Int8RowCodec()
-    bits = args.polar_embed_bits if name == "tok_emb.weight" else args.polar_bits
-    return PolarRowCodec(parse_polar_bits(bits), args.polar_seed)
+@dataclass(frozen=True)
+class CodecSettings:
+    """How every quantized matrix is coded, built once and stored in the artifact, so reading one back needs
+    nothing from the trainer's config. bits: int's k, or polar's bits per level; embed_bits: the same for the
+    tied embedding (its rows are also the output head, so it gets its own)."""
+    scheme: str  # int8 | int | polar
+    bits: tuple[int, ...] = ()
+    embed_bits: tuple[int, ...] = ()
+    rotate: bool = False
+    seed: int = 0
+
+    def codec(self, name: str):
+        bits = self.embed_bits if name == "tok_emb.weight" else self.bits
+        if self.scheme == "int8":
+            return Int8RowCodec()
+        if self.scheme == "int":
+            return IntRowCodec(bits[0], self.rotate, self.seed)
+        if self.scheme == "polar":
+            return PolarRowCodec(bits, self.seed)
+        raise ValueError(f"weight codec {self.scheme!r} is unknown: an artifact of a newer format? re-export it")
+
+    @property
+    def label(self) -> str:
+        """Short, for file and log names: int8, int6, int6r (rotated), polar."""
+        return f"int{self.bits[0]}{'r' if self.rotate else ''}" if self.scheme == "int" else self.scheme
+
+    def spec(self) -> str:
+        """The settings as CODEC_COMPARE takes them: int8 | int:K:EMBED_K[:rot] | polar:BITS:EMBED_BITS."""
+        if self.scheme == "int8":
+            return "int8"
+        parts = [self.scheme, ",".join(map(str, self.bits)), ",".join(map(str, self.embed_bits))]
+        return ":".join(parts + (["rot"] if self.scheme == "int" and self.rotate else []))
+
+    @classmethod
+    def parse(cls, spec: str, seed: int) -> "CodecSettings":
+        parts = spec.strip().split(":")
+        try:
+            if parts == ["int8"]:
+                return cls("int8")
+            bits, embed = parse_polar_bits(parts[1]), parse_polar_bits(parts[2])
+            rotate = parts[3:] == ["rot"]
+            ok = (parts[0] == "int" and len(bits) == len(embed) == 1 and all(2 <= b <= 8 for b in bits + embed)
+                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) == 3 and
+                                                      all(1 <= b <= 8 for b in bits + embed))
+        except (IndexError, ValueError):
+            ok = False
+        if not ok or not bits or not embed:
+            raise ValueError(f"codec {spec!r}: expected int8, int:K:EMBED_K[:rot] (K in 2..8) or "
+                             f"polar:BITS:EMBED_BITS (e.g. polar:4,3,3,3,4:5,4,4,4,5)")
+        return cls(parts[0], bits, embed, rotate or parts[0] == "polar", seed)
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "CodecSettings":
+        return cls(meta["scheme"], tuple(meta["bits"]), tuple(meta["embed_bits"]), bool(meta["rotate"]), int(meta["seed"]))
 
 
 def state_hash(state: dict[str, Tensor]) -> str:
@@ -674,18 +839,19 @@ def state_hash(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQ\x00\x01", 1
-ARTIFACT_HEADER = struct.Struct("<8sIBQ32s")  # magic, version, compressor, payload bytes, sha256(payload)
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQ\x00\x01", 2
+ARTIFACT_FIELDS = struct.Struct("<8sIBQ")  # magic, version, compressor id, payload bytes
+ARTIFACT_HEADER = struct.Struct("<8sIBQ32s")  # the fields, then sha256(fields + payload): the header is checked too
 COMPRESSORS = {"zlib": (0, lambda b: zlib.compress(b, 9), zlib.decompress),
                "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
 
 
-def quantize_state(state: dict[str, Tensor], args: Hyperparameters) -> dict:
+def quantize_state(state: dict[str, Tensor], codec: CodecSettings) -> dict:
     tensors, kept = {}, {}
     for name, t in state.items():
         t = t.detach()
         if is_quantized_tensor(name, t):
-            tensors[name] = {"shape": list(t.shape), **make_codec(args.weight_quant_scheme, args, name).encode(t)}
+            tensors[name] = {"shape": list(t.shape), **codec.codec(name).encode(t)}
             tensors[name] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in tensors[name].items()}
         elif t.is_floating_point() and not any(p in name for p in CONTROL_PATTERNS):
             kept[name] = t.cpu().half()
@@ -694,51 +860,78 @@ def quantize_state(state: dict[str, Tensor], args: Hyperparameters) -> dict:
     return {"tensors": tensors, "kept": kept}
 
 
-def dequantize_state(obj: dict, args: Hyperparameters) -> dict[str, Tensor]:
+def dequantize_state(obj: dict, codec: CodecSettings) -> dict[str, Tensor]:
     out = {name: t.float() if t.is_floating_point() else t for name, t in obj["kept"].items()}
     for name, enc in obj["tensors"].items():
-        out[name] = make_codec(args.weight_quant_scheme, args, name).decode(enc, tuple(enc["shape"])).float()
+        out[name] = codec.codec(name).decode(enc, tuple(enc["shape"])).float()
     return out
 
 
-def export_artifact(state: dict[str, Tensor], args: Hyperparameters, path: Path) -> dict:
+def non_finite_tensors(state: dict[str, Tensor]) -> list[str]:
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def export_artifact(state: dict[str, Tensor], codec: CodecSettings, model_config: dict, compressor: str,
+                    path: Path) -> dict:
     """Encode, compress and write atomically (tmp file, then rename). The meta holds what a fresh
     process needs to rebuild the model, and the hash of the dequantized state it must reproduce."""
-    obj = quantize_state(state, args)
-    obj["meta"] = {"model": args.model_config(), "codec": {k: getattr(args, k) for k in
-                   ("weight_quant_scheme", "polar_bits", "polar_embed_bits", "polar_seed")},
-                   "state_hash": state_hash(dequantize_state(obj, args))}
+    for what, tensors in (("weights", state), ("weights after the codec's roundtrip", None)):
+        if tensors is None:
+            obj = quantize_state(state, codec)
+            tensors = dequantize_state(obj, codec)
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise FloatingPointError(f"refusing to export non-finite {what} ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''}): the run diverged")
+    obj["meta"] = {"model": model_config, "codec": codec.to_meta(), "state_hash": state_hash(tensors)}
     buf = io.BytesIO()
     torch.save(obj, buf)
-    comp_id, compress, _ = COMPRESSORS[args.compressor]
-    payload = compress(buf.getvalue())
-    header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, comp_id, len(payload), hashlib.sha256(payload).digest())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(header + payload)
-    os.replace(tmp, path)
+    comp_id, compress, _ = COMPRESSORS[compressor]
+    write_artifact(path, comp_id, compress(buf.getvalue()))
     return {"bytes": path.stat().st_size, "raw_bytes": len(buf.getvalue()), "state_hash": obj["meta"]["state_hash"]}
+
+
+def compressed_sizes(path: Path) -> dict[str, int]:
+    """The artifact's bytes under every compressor (its torch payload recompressed; the header included)."""
+    blob = Path(path).read_bytes()
+    comp_id = ARTIFACT_HEADER.unpack_from(blob)[2]
+    raw = next(d for i, _, d in COMPRESSORS.values() if i == comp_id)(blob[ARTIFACT_HEADER.size:])
+    return {name: ARTIFACT_HEADER.size + len(compress(raw)) for name, (_, compress, _) in COMPRESSORS.items()}
+
+
+def write_artifact(path: Path, comp_id: int, payload: bytes) -> None:
+    fields = ARTIFACT_FIELDS.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, comp_id, len(payload))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(fields + hashlib.sha256(fields + payload).digest() + payload)
+    os.replace(tmp, path)
 
 
 def load_artifact(path: Path) -> tuple[dict[str, Tensor], dict]:
     blob = Path(path).read_bytes()
     fix = "re-export it with this train_gpt.py"
+    if not (blob.startswith(ARTIFACT_MAGIC) or ARTIFACT_MAGIC.startswith(blob)):
+        raise ValueError(f"{path} is not a parameter-golf artifact (it starts with {blob[:8]!r}, not {ARTIFACT_MAGIC!r})")
     if len(blob) < ARTIFACT_HEADER.size:
         raise ValueError(f"artifact {path} is {len(blob)} bytes, shorter than its header: truncated; {fix}")
-    magic, version, comp_id, n, digest = ARTIFACT_HEADER.unpack_from(blob)
-    if magic != ARTIFACT_MAGIC:
-        raise ValueError(f"{path} is not a parameter-golf artifact (magic {magic!r})")
+    _, version, comp_id, n, digest = ARTIFACT_HEADER.unpack_from(blob)
     if version != ARTIFACT_VERSION:
         raise ValueError(f"artifact {path} has format version {version}, this code reads {ARTIFACT_VERSION}; {fix}")
     payload = blob[ARTIFACT_HEADER.size:]
     if len(payload) != n:
         raise ValueError(f"artifact {path} holds {len(payload)} payload bytes, its header says {n}: truncated; {fix}")
-    if hashlib.sha256(payload).digest() != digest:
-        raise ValueError(f"artifact {path} fails its sha256 checksum: corrupted; {fix}")
-    decompress = next(d for i, _, d in COMPRESSORS.values() if i == comp_id)
+    if hashlib.sha256(blob[:ARTIFACT_FIELDS.size] + payload).digest() != digest:
+        raise ValueError(f"artifact {path} fails its sha256 checksum (header and payload): corrupted; {fix}")
+    decompress = {i: d for i, _, d in COMPRESSORS.values()}.get(comp_id)
+    if decompress is None:
+        known = ", ".join(f"{i} ({name})" for name, (i, _, _) in COMPRESSORS.items())
+        raise ValueError(f"artifact {path} names compressor id {comp_id}, which this code does not know (known: {known})")
     obj = torch.load(io.BytesIO(decompress(payload)), map_location="cpu", weights_only=True)
     meta = obj["meta"]
-    args = dataclasses.replace(Hyperparameters(), **meta["codec"], **meta["model"])
-    return dequantize_state(obj, args), meta
+    state = dequantize_state(obj, CodecSettings.from_meta(meta["codec"]))
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ValueError(f"artifact {path} holds non-finite weights ({', '.join(bad[:3])}): a diverged run; retrain")
+    return state, meta
 
 
 # -----------------------------------------------------------------------------
@@ -943,6 +1136,7 @@ class QAT:
         self.active = False
         if args.qat_scheme == "none":
             return
+        codec = args.codec_settings(args.qat_scheme)
         for name, p in model.named_parameters():
             if not is_quantized_tensor(name, p):
                 continue
@@ -952,7 +1146,7 @@ class QAT:
                 owner.emb_qat_delta = delta
             else:
                 owner.qat_delta = delta
-            self.targets.append((p, delta, make_codec(args.qat_scheme, args, name)))
+            self.targets.append((p, delta, codec.codec(name)))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -1069,20 +1263,81 @@ def eval_teacher_forced(args: Hyperparameters, model: nn.Module, d: Dist, val_to
     return bpb(*sums.tolist())
 
 
-def ar_eval_rows(args: Hyperparameters, val_tokens: Tensor, batch: int) -> tuple[Tensor, int]:
-    """The token matrix the AR eval decodes (one row per batch slot, L+1 tokens), and the cache capacity.
-    Windows mode: the teacher-forced windows (capacity TRAIN_SEQ_LEN), so the exact backend must
-    reproduce the teacher-forced score. Sliding mode: `batch` contiguous streams decoded through
-    a ring cache of KV_EVAL_CONTEXT_LEN entries."""
-    tokens = val_tokens if args.kv_eval_max_tokens <= 0 else val_tokens[:args.kv_eval_max_tokens + 1]
-    if args.kv_eval_context_len <= 0:
-        seq = args.train_seq_len
-        n = (tokens.numel() - 1) // seq
-        if n == 0:
-            raise ValueError(f"KV_EVAL_MAX_TOKENS={args.kv_eval_max_tokens} is shorter than one window ({seq} tokens)")
-        return tokens[:n * seq + 1].unfold(0, seq + 1, seq), seq
-    length = (tokens.numel() - 1) // batch
-    return tokens[:batch * length + 1].unfold(0, length + 1, length), args.kv_eval_context_len
+@torch.no_grad()
+def eval_sliding_window(args: Hyperparameters, model: GPT, d: Dist, tokens: Tensor, luts: ByteLUTs, stride: int,
+                        micro_batch_seqs: int) -> tuple[float, float]:
+    """The leaderboard's teacher-forced reference: TRAIN_SEQ_LEN windows every `stride` tokens, each scoring
+    the targets no earlier window scored (the first window all of its own), so every target is scored once
+    with at least TRAIN_SEQ_LEN - stride tokens of context after the first window. Split across ranks."""
+    seq, n = args.train_seq_len, tokens.numel() - 1
+    ends = list(range(min(seq, n), n, stride)) + [n] if n > seq else [n]
+    lo, hi = len(ends) * d.rank // d.world_size, len(ends) * (d.rank + 1) // d.world_size
+    sums = torch.zeros(3, device=d.device, dtype=torch.float64)
+    for i in range(lo, hi, micro_batch_seqs):
+        batch = ends[i:min(i + micro_batch_seqs, hi)]
+        starts = [max(0, e - seq) for e in batch]
+        first = [max(s, ends[j - 1] if j > 0 else 0) - s for j, s in zip(range(i, i + len(batch)), starts, strict=True)]
+        x = torch.stack([tokens[s:e] for s, e in zip(starts, batch, strict=True)]).to(d.device)
+        y = torch.stack([tokens[s + 1:e + 1] for s, e in zip(starts, batch, strict=True)]).to(d.device)
+        scored = torch.arange(x.shape[1], device=d.device)[None, :] >= torch.tensor(first, device=d.device)[:, None]
+        with autocast(d.device):
+            logits = model.forward_logits(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums += torch.stack((nll.double()[scored.reshape(-1)].sum(), scored.sum().double(),
+                             luts.count(x, y)[scored].sum().double()))
+    if d.enabled:
+        dist.all_reduce(sums)
+    return bpb(*sums.tolist())
+
+
+@dataclass
+class DecodePlan:
+    """The token rows an AR eval decodes: row b feeds rows[b, p] at position p and scores its next token
+    rows[b, p + 1] where window[b, 0] <= p < window[b, 1], through caches of `capacity` entries."""
+    rows: Tensor
+    window: Tensor
+    capacity: int
+    mode: str
+
+    @property
+    def scored_tokens(self) -> int:
+        return int((self.window[:, 1] - self.window[:, 0]).sum())
+
+    @property
+    def decoded_tokens(self) -> int:
+        return int(self.window[:, 1].sum())
+
+    def scored_bytes(self, luts: ByteLUTs) -> float:
+        rows = self.rows.to(luts.base_bytes.device)
+        p = torch.arange(rows.shape[1] - 1, device=rows.device)[None, :]
+        window = self.window.to(rows.device)
+        scored = (p >= window[:, :1]) & (p < window[:, 1:])
+        return float(luts.count(rows[:, :-1], rows[:, 1:])[scored].sum())
+
+
+def window_plan(tokens: Tensor, seq: int) -> DecodePlan:
+    """The teacher-forced windows, one per row: the exact backend must reproduce the teacher-forced score."""
+    n = (tokens.numel() - 1) // seq
+    if n == 0:
+        raise ValueError(f"{tokens.numel() - 1} tokens are fewer than one window ({seq} tokens)")
+    return DecodePlan(tokens[:n * seq + 1].unfold(0, seq + 1, seq), torch.tensor([[0, seq]]).repeat(n, 1), seq,
+                      "windows")
+
+
+def ring_plan(tokens: Tensor, batch: int, context: int) -> DecodePlan:
+    """Every target scored once, with `context` - 1 tokens before its input (but in the split's first
+    window): the targets are cut into `batch` contiguous spans, and each row starts `context` - 1 tokens
+    before its span and feeds those without scoring them, through a ring cache of `context` entries."""
+    n = tokens.numel() - 1
+    rows_n = min(batch, n)
+    bounds = [n * i // rows_n for i in range(rows_n + 1)]
+    starts = [max(0, s - (context - 1)) for s in bounds[:-1]]
+    rows = torch.zeros((rows_n, max(e - a for a, e in zip(starts, bounds[1:], strict=True)) + 1), dtype=tokens.dtype)
+    window = torch.empty((rows_n, 2), dtype=torch.int64)
+    for i, (a, s, e) in enumerate(zip(starts, bounds[:-1], bounds[1:], strict=True)):
+        rows[i, :e - a + 1] = tokens[a:e + 1]
+        window[i, 0], window[i, 1] = s - a, e - a
+    return DecodePlan(rows, window, context, "ring")
 
 
 class Decoder:
@@ -1101,7 +1356,7 @@ class Decoder:
                        for i in range(len(model.blocks))]
         self.model, self.device, self.batch = model.for_decode(dtype), device, batch
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
-        self.row_weight = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.window = torch.zeros((batch, 2), dtype=torch.int64, device=device)
         self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
         self.graph = None
@@ -1114,7 +1369,7 @@ class Decoder:
     def _step(self) -> None:
         t = self.positions[:1]  # row 0 is always live
         h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
-        kv.score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.row_weight, self.row_loss,
+        kv.score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.window, self.row_loss,
                             self.model.logit_softcap)
 
     def _capture(self) -> None:
@@ -1134,53 +1389,155 @@ class Decoder:
             c.reset()
         live = torch.arange(self.batch, device=self.device) < valid
         self.positions.copy_(torch.where(live, 0, self.INACTIVE))
-        self.row_weight.copy_(live.double())
+        self.window[valid:] = 0
         self.row_loss.zero_()
 
-    def decode(self, rows: Tensor, valid: int) -> float:
-        """Returns the summed NLL (nats) of the first `valid` rows' targets."""
-        self.rows[:valid].copy_(rows)
+    def decode(self, rows: Tensor, window: Tensor, on_step=None) -> float:
+        """Decodes the first rows.shape[0] rows; -> the summed NLL (nats) of their scored targets.
+        on_step(columns done, this batch's loss so far) is called after every step (a host-side callback)."""
+        valid = rows.shape[0]
+        self.rows[:valid, :rows.shape[1]].copy_(rows)
+        self.window[:valid].copy_(window)
         self._reset(valid)
-        for _ in range(rows.shape[1] - 1):
+        for col in range(int(window[:, 1].max())):
             self.graph.replay() if self.graph is not None else self._step()
+            if on_step is not None:
+                on_step(col + 1, self.row_loss)
         return float(self.row_loss.sum().item())
 
     def bytes_per_token(self) -> int:
         return sum(c.bytes_per_token() for c in self.caches)
 
 
-def autoregressive_eval(args: Hyperparameters, model: GPT, val_tokens: Tensor, luts: ByteLUTs, backend: str,
+PROGRESS_SECONDS = 30.0
+
+
+def autoregressive_eval(args: Hyperparameters, model: GPT, plan: DecodePlan, luts: ByteLUTs, backend: str,
                         device: torch.device, log, batch: int | None = None) -> dict:
-    batch = batch or args.kv_eval_batch
-    rows, capacity = ar_eval_rows(args, val_tokens, batch)
-    batch = min(batch, rows.shape[0])
+    """Decodes the plan's rows `batch` at a time through `backend`'s caches; a progress line at least
+    every PROGRESS_SECONDS (a host sync then only)."""
+    n_rows = plan.rows.shape[0]
+    batch = min(batch or args.kv_eval_batch, n_rows)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    decoder = Decoder(model, backend, batch, rows.shape[1], capacity, args, device, dtype,
+    decoder = Decoder(model, backend, batch, plan.rows.shape[1], plan.capacity, args, device, dtype,
                       args.kv_eval_cuda_graph and device.type == "cuda")
-    tokens = rows.shape[0] * (rows.shape[1] - 1)
-    nbytes = float(luts.count(rows[:, :-1].reshape(-1).to(device), rows[:, 1:].reshape(-1).to(device)).sum())
-    loss_sum, done, last_log = 0.0, 0, time.perf_counter()
+    tokens, decoded = plan.scored_tokens, plan.decoded_tokens
+    state = {"loss": 0.0, "scored": 0, "decoded": 0, "last": time.perf_counter()}
     cuda_sync(device)
     t0 = time.perf_counter()
-    for s in range(0, rows.shape[0], batch):
-        chunk = rows[s:s + batch]
-        valid = chunk.shape[0]
-        loss_sum += decoder.decode(chunk, valid)
-        done += valid * (rows.shape[1] - 1)
-        if time.perf_counter() - last_log > 30 and done < tokens:
-            last_log = time.perf_counter()
-            part_bytes = float(luts.count(rows[:s + valid, :-1].reshape(-1).to(device),
-                                          rows[:s + valid, 1:].reshape(-1).to(device)).sum())
-            log(f"kv_eval_progress backend:{backend} tokens:{done}/{tokens} "
-                f"running_val_bpb:{bpb(loss_sum, done, part_bytes)[1]:.4f} tok_s:{done / (last_log - t0):.0f}")
+    for s in range(0, n_rows, batch):
+        window = plan.window[s:s + batch]
+
+        def on_step(columns: int, row_loss: Tensor) -> None:
+            now = time.perf_counter()
+            if now - state["last"] < PROGRESS_SECONDS:
+                return
+            state["last"] = now
+            scored = state["scored"] + int((window[:, 1].clamp(max=columns) - window[:, 0]).clamp_min(0).sum())
+            done = state["decoded"] + int(window[:, 1].clamp(max=columns).sum())
+            running = (state["loss"] + float(row_loss.sum())) / max(scored, 1)
+            log(f"ar_eval_progress backend:{backend} mode:{plan.mode} scored:{scored}/{tokens} "
+                f"decoded:{done}/{decoded} running_val_loss:{running:.4f} tok_s:{done / (now - t0):.0f} "
+                f"elapsed:{now - t0:.0f}s")
+
+        state["loss"] += decoder.decode(plan.rows[s:s + batch].to(device), window.to(device), on_step)
+        state["scored"] += int((window[:, 1] - window[:, 0]).sum())
+        state["decoded"] += int(window[:, 1].sum())
     cuda_sync(device)
     seconds = time.perf_counter() - t0
-    loss, score = bpb(loss_sum, tokens, nbytes)
-    return {"backend": backend, "val_loss": loss, "val_bpb": score, "tokens": tokens, "batch": batch,
-            "tok_s": tokens / seconds, "seconds": seconds, "bytes_per_token": decoder.bytes_per_token(),
+    loss, score = bpb(state["loss"], tokens, plan.scored_bytes(luts))
+    return {"backend": backend, "mode": plan.mode, "context": plan.capacity, "val_loss": loss, "val_bpb": score,
+            "tokens": tokens, "decoded_tokens": decoded, "batch": batch, "tok_s": decoded / seconds,
+            "scored_tok_s": tokens / seconds, "seconds": seconds, "bytes_per_token": decoder.bytes_per_token(),
             "peak_mem_mib": peak_mem_mib(device)}
+
+
+CHALLENGE_VAL_TOKENS = 62_021_632  # the FineWeb validation split the challenge scores
+
+
+def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT, scored_model: nn.Module, d: Dist,
+                   val_tokens: Tensor, luts: ByteLUTs, val_seqs: int, out: Path, log, parameters: int) -> list[dict]:
+    """CODEC_COMPARE: the trained weights exported with each codec (rank 0), reloaded and rescored on every
+    rank; the codecs' bytes and scores on the same weights (post-training quantization for all but the
+    codec QAT trained with); bits per weight over the model's `parameters`. Leaves the model holding the last
+    codec's weights: reload the shipped ones."""
+    rows = []
+    for spec in args.codec_compare.split():
+        codec = CodecSettings.parse(spec, args.quant_seed)
+        path = out / f"codec_compare_{codec.label}.ptz"
+        if d.master:
+            export_artifact(trained, codec, args.model_config(), args.compressor, path)
+        if d.enabled:
+            dist.barrier()
+        state, _ = load_artifact(path)
+        model.load_state_dict(state, strict=True)
+        loss, score = eval_teacher_forced(args, scored_model, d, val_tokens, luts, val_seqs)
+        if d.enabled:
+            dist.barrier()  # every rank has read it
+        if d.master:
+            sizes = compressed_sizes(path)
+            path.unlink()
+            rows.append({"codec": codec.spec(), "val_loss": loss, "val_bpb": score, **{f"{k}_bytes": v for k, v in
+                         sizes.items()}, **{f"bits_per_weight_{k}": 8 * v / parameters for k, v in sizes.items()}})
+            log(f"codec_compare codec:{codec.spec()} val_loss:{loss:.8f} val_bpb:{score:.8f} "
+                + " ".join(f"{k}_bytes:{v} bits_per_weight_{k}:{8 * v / parameters:.3f}" for k, v in sizes.items()))
+    return rows
+
+
+def token_prefix(tokens: Tensor, max_tokens: int) -> Tensor:
+    """The first max_tokens targets (0: all) and the token before each."""
+    return tokens if max_tokens <= 0 else tokens[:max_tokens + 1]
+
+
+def final_ar_evals(args: Hyperparameters, model: GPT, scored_tokens: Tensor, compare_tokens: Tensor,
+                   references: dict, luts: ByteLUTs, device: torch.device, log, phases: dict) -> dict:
+    """Rank 0. The scored eval: KV_QUANT_BACKEND in ring mode over the scored tokens. Then on the comparison
+    slice: the exact backend in ring mode (the reference every delta is taken against), the exact backend in
+    windows mode (the check that it reproduces the teacher-forced score), and every comparison backend."""
+    context = args.kv_eval_context_len or args.train_seq_len
+    exact, results = kv.exact_backend(device), {}
+
+    def run(label: str, backend: str, plan: DecodePlan) -> dict:
+        r = autoregressive_eval(args, model, plan, luts, backend, device, log)
+        if not math.isfinite(r["val_loss"]):
+            raise FloatingPointError(f"the AR eval ({label}) through KV backend {backend} scores val_loss {r['val_loss']}")
+        results[label] = r
+        return r
+
+    def figures(r: dict) -> str:
+        return (f"backend:{r['backend']} mode:{r['mode']} context:{r['context']} val_loss:{r['val_loss']:.8f} "
+                f"val_bpb:{r['val_bpb']:.8f} tokens:{r['tokens']} decoded:{r['decoded_tokens']} batch:{r['batch']} "
+                f"tok_s:{r['tok_s']:.0f} seconds:{r['seconds']:.2f} kv_bytes_per_token:{r['bytes_per_token']}")
+
+    t0 = time.perf_counter()
+    scored = run("scored", args.kv_quant_backend, ring_plan(scored_tokens, args.kv_eval_batch, context))
+    log(f"final_ar_scored {figures(scored)}")
+    phases["scored_ar_eval"] = time.perf_counter() - t0
+    rows = min(args.kv_eval_batch, CHALLENGE_VAL_TOKENS)
+    decoded = CHALLENGE_VAL_TOKENS + (rows - 1) * (context - 1)
+    log(f"eval_budget scored_backend:{scored['backend']} measured_tok_s:{scored['tok_s']:.0f} "
+        f"challenge_split_tokens:{CHALLENGE_VAL_TOKENS} batch:{rows} decoded_tokens:{decoded} "
+        f"estimated_rank0_seconds:{decoded / scored['tok_s']:.1f}")
+
+    t1 = time.perf_counter()
+    ring = ring_plan(compare_tokens, args.kv_eval_batch, context)
+    reference = run("exact_ring", exact, ring)
+    line = f"final_ar_exact_reference {figures(reference)}"
+    if "sliding" in references:
+        line += f" delta_vs_sliding_window:{reference['val_bpb'] - references['sliding'][1]:+.8f}"
+    log(line)
+    check = run("exact_windows", exact, window_plan(compare_tokens, args.train_seq_len))
+    log(f"final_ar_windows_check {figures(check)} teacher_forced_val_bpb:{references['windows'][1]:.8f} "
+        f"delta_vs_teacher_forced:{check['val_bpb'] - references['windows'][1]:+.8f}")
+    for backend in dict.fromkeys([args.kv_quant_backend, *args.compare_backends]):
+        same = backend == args.kv_quant_backend and compare_tokens.numel() == scored_tokens.numel()
+        r = scored if same else run(f"compare_{backend}", backend, ring)
+        r["delta_vs_exact"] = r["val_bpb"] - reference["val_bpb"]
+        log(f"final_ar_comparison {figures(r)} delta_vs_exact:{r['delta_vs_exact']:+.8f}")
+    phases["reference_ar_evals"] = time.perf_counter() - t1
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1189,15 +1546,16 @@ def autoregressive_eval(args: Hyperparameters, model: GPT, val_tokens: Tensor, l
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float | None) -> float:
-    """Linear warmdown over the last WARMDOWN_ITERS steps, estimated from the wallclock when capped."""
+    """Linear warmdown over the last WARMDOWN_ITERS steps of whichever ends the run first: ITERATIONS, or
+    the wallclock cap (its remaining steps estimated from the mean step time so far)."""
     if args.warmdown_iters <= 0:
         return 1.0
+    by_steps = min(max((args.iterations - step) / args.warmdown_iters, 0.0), 1.0)
     if budget_ms is None:
-        start = max(args.iterations - args.warmdown_iters, 0)
-        return max((args.iterations - step) / args.warmdown_iters, 0.0) if step >= start else 1.0
+        return by_steps
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining = max(budget_ms - elapsed_ms, 0.0)
-    return remaining / max(warmdown_ms, 1e-9) if remaining <= warmdown_ms else 1.0
+    by_clock = min(max(budget_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9), 1.0)
+    return min(by_steps, by_clock)
 
 
 def training_progress(args: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float | None) -> float:
@@ -1206,12 +1564,28 @@ def training_progress(args: Hyperparameters, step: int, elapsed_ms: float, budge
     return by_steps if budget_ms is None else max(by_steps, elapsed_ms / budget_ms)
 
 
+def raise_if_diverged(first_bad_step: Tensor, val_loss: float | None = None, step: int = 0) -> None:
+    """One host sync, where the caller syncs anyway (a logged step, a validation, the end of training)."""
+    bad = int(first_bad_step.item())
+    if bad >= 0:
+        raise FloatingPointError(f"train_loss was non-finite at step {bad}: lower MATRIX_LR / SCALAR_LR / "
+                                 f"TIED_EMBED_LR or check the data; stopping before a broken model is exported")
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise FloatingPointError(f"val_loss is {val_loss} at step {step}: the model diverged; stopping before a "
+                                 f"broken model is exported")
+
+
 def main() -> None:
     args = Hyperparameters.from_env()
-    d = init_distributed()
     args.run_id = args.run_id or time.strftime("run_%Y%m%d_%H%M%S")
     out = Path(args.out_dir)
-    log = RunLog(out / "logs" / f"{args.run_id}.txt" if d.master else None)
+    log_path = out / "logs" / f"{args.run_id}.txt"
+    if log_path.exists():  # checked on every rank before they meet, so none starts writing first
+        raise FileExistsError(f"RUN_ID={args.run_id}: {log_path} holds an earlier run; choose another RUN_ID or "
+                              f"delete that log")
+    d = init_distributed()
+    args.check_runs_on(d.device)
+    log = RunLog(log_path if d.master else None)
     log.header()
     phases: dict[str, float] = {}
     torch.manual_seed(args.seed)
@@ -1233,6 +1607,7 @@ def main() -> None:
     local_tokens = args.train_batch_tokens // (d.world_size * grad_accum)
 
     model = build_model(args.model_config(), d.device)
+    export_codec = args.codec_settings(args.weight_quant_scheme)
     qat = QAT(model, args)
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
@@ -1243,8 +1618,8 @@ def main() -> None:
         f"grad_accum_steps:{grad_accum} device:{d.device} compile:{use_compile}")
     log(f"train_batch_tokens:{args.train_batch_tokens} train_seq_len:{args.train_seq_len} iterations:{args.iterations} "
         f"max_wallclock_seconds:{args.max_wallclock_seconds} strict_wallclock:{args.strict_wallclock} "
-        f"qat:{args.qat_scheme} qat_start_frac:{args.qat_start_frac} export:{args.weight_quant_scheme} "
-        f"polar_bits:{args.polar_bits} polar_embed_bits:{args.polar_embed_bits} seed:{args.seed}")
+        f"qat:{args.codec_settings(args.qat_scheme).spec() if args.qat_scheme != 'none' else 'none'} "
+        f"qat_start_frac:{args.qat_start_frac} export:{export_codec.spec()} seed:{args.seed}")
     log(f"val_tokens:{val_tokens.numel() - 1} train_shards:{len(shard_paths(args.train_files))}")
 
     def train_step(loader: DistributedTokenLoader, scale: float) -> Tensor:
@@ -1297,6 +1672,7 @@ def main() -> None:
     loader = DistributedTokenLoader(args.train_files, d)
     val_seqs = max(1, args.val_batch_size // (d.world_size * grad_accum * args.train_seq_len))
     train_ms, step, stop_at = 0.0, 0, None
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=d.device)  # set on the device: no sync per step
     cuda_sync(d.device)
     t0 = time.perf_counter()
     while True:
@@ -1307,6 +1683,7 @@ def main() -> None:
             vl, vb = eval_teacher_forced(args, ddp_model, d, val_tokens, luts, val_seqs)
             log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            raise_if_diverged(first_bad_step, vl, step)
             cuda_sync(d.device)
             t0 = time.perf_counter()
         if last:
@@ -1321,29 +1698,32 @@ def main() -> None:
             g["momentum"] = (1 - momentum_frac) * args.muon_momentum_warmup_start + momentum_frac * args.muon_momentum
         train_loss = train_step(loader, lr_scale(args, step, elapsed, budget_ms))
         step += 1
+        first_bad_step.masked_fill_((first_bad_step < 0) & ~torch.isfinite(train_loss), step)
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_at is not None):
-            tl_value = train_loss.item()
-            if not math.isfinite(tl_value):
-                raise FloatingPointError(f"train_loss is {tl_value} at step {step}: lower MATRIX_LR/SCALAR_LR or "
-                                         f"check the data; stopping before a broken model is exported")
-            log(f"step:{step}/{args.iterations} train_loss:{tl_value:.4f} train_time:{approx_ms:.0f}ms "
+            log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / step:.2f}ms")
+            raise_if_diverged(first_bad_step)
         if stop_at is None and all_ranks_agree(budget_ms is not None and approx_ms >= budget_ms, d):
             stop_at = step
     phases["train"] = train_ms / 1000.0
     tokens_per_s = step * args.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
     if stop_at is not None and stop_at < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-    log(f"train_summary steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
+    fewest, most = step_range(step, d)
+    if fewest != most:
+        raise RuntimeError(f"ranks stopped at different steps ({fewest} to {most}): their weights differ")
+    log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{fewest == most} "
+        f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
         f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{peak_mem_mib(d.device):.0f}MiB")
     pre_loss, pre_bpb = vl, vb
 
     # Export, then every rank reloads the artifact from disk and rescores it.
     t_export = time.perf_counter()
-    artifact = out / f"final_model.{args.weight_quant_scheme}.ptz"
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.codec_compare else {}
+    artifact = out / f"final_model.{export_codec.label}.ptz"
     if d.master:
-        stats = export_artifact(model.state_dict(), args, artifact)
+        stats = export_artifact(model.state_dict(), export_codec, args.model_config(), args.compressor, artifact)
     if d.enabled:
         dist.barrier()
     phases["export"] = time.perf_counter() - t_export
@@ -1354,7 +1734,13 @@ def main() -> None:
     qat.reset()
     q_loss, q_bpb = eval_teacher_forced(args, ddp_model, d, val_tokens, luts, val_seqs)
     phases["roundtrip_eval"] = time.perf_counter() - t_reload
-    scheme = args.weight_quant_scheme
+    if not math.isfinite(q_loss):
+        if d.enabled:
+            dist.barrier()  # every rank has read the artifact before rank 0 deletes it
+        if d.master:
+            artifact.unlink()
+        raise FloatingPointError(f"the reloaded artifact scores val_loss {q_loss}: deleted {artifact}")
+    scheme = export_codec.label
     total_bytes = artifact.stat().st_size + code_bytes()
     if d.master:
         log(f"Serialized model {scheme}+{args.compressor}: {stats['bytes']} bytes (torch payload before "
@@ -1365,36 +1751,49 @@ def main() -> None:
         log(f"WARNING: SUBMISSION OVER LIMIT: {total_bytes} bytes > 16,000,000 by {total_bytes - 16_000_000} bytes")
     log(f"final_{scheme}_{args.compressor}_roundtrip_exact val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} "
         f"pre_roundtrip_val_bpb:{pre_bpb:.8f} state_hash:{meta['state_hash'][:16]}")
+    parameters = sum(t.numel() for t in state.values())
+    if args.codec_compare:
+        t_compare = time.perf_counter()
+        codec_rows = compare_codecs(args, trained, model, ddp_model, d, val_tokens, luts, val_seqs, out, log,
+                                    parameters)
+        model.load_state_dict(state, strict=True)
+        phases["codec_compare"] = time.perf_counter() - t_compare
 
-    # Rank-0-only autoregressive eval: the other ranks leave the process group first, so no
-    # collective is left waiting on rank 0 and every rank exits cleanly.
+    # References on the comparison slice (every rank), then the rank-0-only autoregressive evals: the
+    # other ranks leave the process group first, so no collective waits on rank 0 and every rank exits cleanly.
     summary = {"run_id": args.run_id, "world_size": d.world_size, "steps": step,
                "step_avg_ms": train_ms / max(step, 1), "tokens_per_s": tokens_per_s,
                "peak_mem_mib": peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
                "pre_roundtrip_val_loss": pre_loss, "roundtrip_val_bpb": q_bpb, "roundtrip_val_loss": q_loss,
                "model_bytes": artifact.stat().st_size, "code_bytes": code_bytes(), "total_bytes": total_bytes,
-               "scheme": scheme, "qat": args.qat_scheme, "state_hash": meta["state_hash"],
-               "hparams": dataclasses.asdict(args)}
+               "scheme": scheme, "codec": export_codec.spec(), "qat": args.qat_scheme, "state_hash": meta["state_hash"],
+               "parameters": parameters, "bits_per_weight": 8 * artifact.stat().st_size / parameters,
+               "hparams": dataclasses.asdict(args), "codec_compare": codec_rows if args.codec_compare else []}
+    scored_tokens = token_prefix(val_tokens, args.kv_eval_max_tokens)
+    compare_tokens = token_prefix(scored_tokens, args.kv_eval_compare_tokens)
+    t_ref = time.perf_counter()
+    references = {"windows": eval_teacher_forced(args, ddp_model, d, compare_tokens, luts, val_seqs)}
+    log(f"final_teacher_forced_windows tokens:{(compare_tokens.numel() - 1) // args.train_seq_len * args.train_seq_len} "
+        f"val_loss:{references['windows'][0]:.8f} val_bpb:{references['windows'][1]:.8f}")
+    if args.eval_stride > 0:
+        references["sliding"] = eval_sliding_window(args, model, d, compare_tokens, luts, args.eval_stride, val_seqs)
+        log(f"final_sliding_window_reference stride:{args.eval_stride} tokens:{compare_tokens.numel() - 1} "
+            f"val_loss:{references['sliding'][0]:.8f} val_bpb:{references['sliding'][1]:.8f} "
+            f"seconds:{time.perf_counter() - t_ref:.2f}")
+    phases["reference_evals"] = time.perf_counter() - t_ref
+    summary["references"] = {k: {"val_loss": v[0], "val_bpb": v[1]} for k, v in references.items()}
     if d.enabled:
         dist.barrier()
         dist.destroy_process_group()
     if d.master:
-        t_kv = time.perf_counter()
-        exact = kv.exact_backend(d.device)
-        results = {}
-        for backend in dict.fromkeys([exact, args.kv_quant_backend, *args.compare_backends]):
-            r = autoregressive_eval(args, model, val_tokens, luts, backend, d.device, log)
-            r["delta_vs_exact"] = r["val_bpb"] - results[exact]["val_bpb"] if results else 0.0
-            results[backend] = r
-            log(f"final_kv_eval_exact backend:{backend} val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f} "
-                f"delta_vs_exact:{r['delta_vs_exact']:+.8f} tok_s:{r['tok_s']:.1f} batch:{r['batch']} "
-                f"tokens:{r['tokens']} bytes_per_token:{r['bytes_per_token']} peak_mem_mib:{r['peak_mem_mib']:.1f}")
-        phases["kv_eval"] = time.perf_counter() - t_kv
+        summary["ar_eval"] = final_ar_evals(args, model, scored_tokens, compare_tokens, references, luts, d.device, log,
+                                            phases)
         phases["total"] = time.perf_counter() - PROCESS_START
         log("phase_times " + " ".join(f"{k}:{v:.2f}s" for k, v in phases.items()))
-        summary.update(kv_eval=results, phases=phases)
-        (out / "logs" / f"{args.run_id}.json").write_text(json.dumps(summary, indent=2, default=str))
-
+        summary["phases"] = phases
+        summary_path = out / "logs" / f"{args.run_id}.json"
+        summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
+        os.replace(summary_path.with_suffix(".json.tmp"), summary_path)
 
 if __name__ == "__main__":
     main()

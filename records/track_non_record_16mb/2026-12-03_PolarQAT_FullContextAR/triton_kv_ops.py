@@ -9,8 +9,8 @@ step can be captured in a CUDA graph:
                                  the decode step's attention prologue: split a fused QKV projection,
                                  RMS-norm q and k, rotate them at their positions, scale q by its gain,
                                  append k and v; the Triton backends do all of it in one kernel. q comes
-                                 back in the form this backend's attend takes (for qjl_triton: the
-                                 query's sketch in int8 steps, a SketchedQuery)
+                                 back in the form this backend's attend takes (for tq4_triton and
+                                 qjl_triton: in the layer's rotated basis, a RotatedQuery)
     attend(q) -> out             all query heads of each KV head at once (GQA, no repeated K/V); a plain
                                  q (B, Hq, D) is accepted by every backend
     as_query(q)                  a plain q in the form prologue returns it (for benchmarks and tests)
@@ -22,15 +22,29 @@ next-token scoring), each beside its torch reference.
 Keys are cached after RoPE at their absolute position, so a ring buffer that evicts old entries
 keeps relative positions true. The Triton attention follows flash decoding in one launch: the
 filled length is split across programs (online softmax, partial output + log-sum-exp), and the
-last split of each (row, KV head) to finish merges the parts. QJL keys are scored by an integer
-tensor-core dot of the sketched query (int8 steps) against signs looked up 4 at a time from a
-64-byte table, not unpacked bit by bit.
+last split of each (row, KV head) to finish merges the parts. tq4 keys and values are scored in
+the layer's rotated basis (the query rotated once by the prologue), their nibbles decoded through
+a 16-entry table. qjl keys are tq4 keys plus QJL on their residual: sign bits of its sketch, looked
+up 4 at a time from a 128-byte fp16 table (not unpacked bit by bit) and scored against the sketched
+query by a tensor-core dot.
+
+Adding a backend:
+  1. a torch reference: a KVCache subclass with a `name`, its buffers (allocate), write, scores,
+     values and bytes_per_token, listed in TORCH_BACKENDS;
+  2. if its codes are new to the kernels, a named codec: a branch in _store_codes (writing) and
+     in _key_scores or _value_halves (reading); a codec the kernels do not know fails to compile;
+  3. its Triton class: TritonAttendMixin over the reference, with `name`, `key_codec`,
+     `value_codec`, `launch` (per regime, from benchmark_kv_backends.py --sweep) and `codes()`
+     (plus `tables()`; RotatedAttendMixin for keys scored in a rotated basis), listed in TRITON_BACKENDS.
+The registry, the env validation, the tests and the benchmarks' lists derive from those tuples.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -47,7 +61,7 @@ except ImportError:
 @dataclass(frozen=True)
 class KVConfig:
     group_size: int = 32  # channels sharing one fp16 scale
-    qjl_dim: int = 256  # sketch bits per key (m)
+    qjl_dim: int = 32  # sketch bits of each key's residual (m): 32 keeps qjl at 0.297x bf16's bytes
     value_bits: int = 4  # value codes for the QJL backends (4 or 8)
     recent_exact_tokens: int = 8  # qjl_recentk: newest keys kept exact
     seed: int = 0
@@ -71,6 +85,16 @@ def group_dequantize(q: Tensor, scale: Tensor, group: int) -> Tensor:
     return (q.float().reshape(*q.shape[:-1], -1, group) * scale.float()[..., None]).reshape(q.shape)
 
 
+def fwht(x: Tensor) -> Tensor:
+    """Unnormalized Sylvester-Hadamard transform over the last dim (a power of two)."""
+    shape, d, h = x.shape, x.shape[-1], 1
+    while h < d:
+        x = x.reshape(*shape[:-1], d // (2 * h), 2, h)
+        x = torch.stack((x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(shape)
+
+
 def pack_nibbles(q: Tensor) -> Tensor:
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
@@ -92,26 +116,12 @@ def unpack_signs(p: Tensor) -> Tensor:
     return bits.reshape(*p.shape[:-1], -1).float() * 2 - 1
 
 
-def sketched_query_codes(sq: Tensor) -> tuple[Tensor, Tensor]:
-    """S q (..., m) -> int8 codes (..., m) and steps (...,): S q rounded to steps of max|S q| / 127 per query head,
-    as the QJL kernel's integer tensor-core dot takes it."""
-    step = sq.abs().amax(-1).clamp_min(1e-30) / 127
-    return torch.floor(sq / step[..., None] + 0.5).to(torch.int8), step
-
-
-def quantize_sketched_query(sq: Tensor) -> Tensor:
-    """S q as the QJL kernel scores it (sketched_query_codes, dequantized). Adds under 1% to the estimator's own
-    noise (std 0.007 of it at m = 256)."""
-    codes, step = sketched_query_codes(sq)
-    return codes.float() * step[..., None]
-
-
 def sign_table(device) -> Tensor:
-    """(16 * 4,) int8: row `nibble` holds the 4 signs that nibble of packed QJL bits stands for. The attention
-    kernel looks keys up here, 4 signs per load, instead of unpacking bits one by one; 64 bytes, so a warp's
-    lookups touch one L1 line (a byte table would spread them over 16)."""
+    """(16 * 4,) fp16: row `nibble` holds the 4 signs that nibble of packed QJL bits stands for. The attention
+    kernel looks keys up here, 4 signs per load, instead of unpacking bits one by one, and needs no conversion;
+    128 bytes, so a warp's lookups touch one L1 line (a table per bit would spread them over 16)."""
     bits = (torch.arange(16, device=device)[:, None] >> torch.arange(4, device=device)) & 1
-    return (bits * 2 - 1).reshape(-1).to(torch.int8)
+    return (bits * 2 - 1).reshape(-1).to(torch.float16)
 
 
 def put_rows(buf: Tensor, slots: Tensor, active: Tensor, value: Tensor) -> None:
@@ -250,6 +260,8 @@ class KVCache:
 class ExactCache(KVCache):
     """K and V in the model's compute dtype (bf16 on CUDA, fp32 in CPU tests): the exact reference."""
 
+    name = "bf16"
+
     def allocate(self):
         self.buffer("k", self.head_dim, dtype=self.dtype)
         self.buffer("v", self.head_dim, dtype=self.dtype)
@@ -270,6 +282,8 @@ class ExactCache(KVCache):
 
 class Int8Cache(KVCache):
     """K and V as symmetric int8 with one fp16 scale per KV_GROUP_SIZE channels."""
+
+    name = "int8"
 
     def allocate(self):
         g = self.head_dim // self.cfg.group_size
@@ -294,34 +308,136 @@ class Int8Cache(KVCache):
         return 2 * self.heads * (self.head_dim + 2 * self.head_dim // self.cfg.group_size)
 
 
+@lru_cache(maxsize=None)
+def gaussian_lloyd_max(levels: int) -> tuple[float, ...]:
+    """The Lloyd-Max quantizer of N(0, 1): `levels` centroids, each the mean of its cell, whose edges are the
+    midpoints between centroids; Lloyd's iteration on the closed-form cell means, to a fixed point (1e-12)."""
+    cents = torch.linspace(-2.5, 2.5, levels, dtype=torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    for _ in range(100_000):
+        edges = torch.cat((-inf, (cents[1:] + cents[:-1]) / 2, inf))
+        pdf = torch.exp(-edges * edges / 2) / math.sqrt(2 * math.pi)  # 0 at +-inf
+        new = (pdf[:-1] - pdf[1:]) / (torch.special.ndtr(edges[1:]) - torch.special.ndtr(edges[:-1]))
+        if float((new - cents).abs().max()) < 1e-12:
+            return tuple(new.tolist())
+        cents = new
+    raise RuntimeError(f"Lloyd's iteration for {levels} levels did not converge")
+
+
+def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(signs (D,) fp32, H (D, D) fp16 +-1, rotation (D, D) fp32 = diag(signs) H / sqrt(D)): x -> x @ rotation is
+    orthogonal, and spreads any channel's outlier over all coordinates."""
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"tq4 needs a power-of-two head_dim, not {head_dim}")
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (head_dim,), generator=gen).float() * 2 - 1
+    h = fwht(torch.eye(head_dim))
+    return signs.to(device), h.half().to(device), (signs[:, None] * h / math.sqrt(head_dim)).to(device)
+
+
+class TurboQuantMSE:
+    """TurboQuant's MSE quantizer (Zandieh et al. 2025) of one layer's head vectors: each vector is rotated by the
+    layer's seeded randomized Hadamard transform, so its direction's coordinates are about N(0, 1/D) whatever the
+    model's channels do; those are coded by the 16-level Lloyd-Max codebook of that distribution, two codes per
+    byte, with one fp16 scale per vector (the least-squares scale of its decoded codes, which also restores its
+    norm). Decoded vectors stay in the rotated basis."""
+
+    def __init__(self, head_dim: int, seed: int, device):
+        self.signs, self.hadamard, self.rotation = randomized_hadamard(head_dim, seed, device)
+        z = torch.tensor(gaussian_lloyd_max(16), dtype=torch.float32)
+        self.centroids, self.bounds = (z / math.sqrt(head_dim)).to(device), ((z[1:] + z[:-1]) / 2).to(device)
+        self.codebook = torch.cat((self.centroids, self.bounds))  # as the write kernel takes it
+        self.table = self.centroids.half()  # as the attention kernel decodes through it
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.signs, self.hadamard, self.rotation,
+                                                                 self.codebook, self.table))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., D) -> packed codes (..., D // 2) uint8, scale (...,) fp16."""
+        return self.encode_rotated(x.float() @ self.rotation)
+
+    def encode_rotated(self, xr: Tensor) -> tuple[Tensor, Tensor]:
+        """encode() of a vector already in the rotated basis (fp32)."""
+        u = xr * (math.sqrt(xr.shape[-1]) / xr.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+        code = torch.bucketize(u, self.bounds)  # the boundaries below each coordinate
+        c = self.centroids[code]
+        scale = (xr * c).sum(-1) / (c * c).sum(-1).clamp_min(1e-30)
+        return (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8), scale.half()
+
+    def decode_rotated(self, codes: Tensor, scale: Tensor) -> Tensor:
+        code = torch.stack(((codes & 15).long(), (codes >> 4).long()), -1).reshape(*codes.shape[:-1], -1)
+        return self.centroids[code] * scale.float()[..., None]
+
+
+class TQ4Cache(KVCache):
+    """Keys and values coded by TurboQuantMSE (4 bits a coordinate); scores are taken in the rotated basis (the
+    query rotated once), and values decode there and rotate back."""
+
+    name = "tq4"
+
+    def allocate(self):
+        self.mse = TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
+        self.extra_bytes = self.mse.nbytes
+        for name in ("k", "v"):
+            self.buffer(f"{name}_codes", self.head_dim // 2, dtype=torch.uint8)
+            self.buffer(f"{name}_scale", dtype=torch.float16)
+
+    def write(self, k, v, slots, active):
+        for name, x in (("k", k), ("v", v)):
+            codes, scale = self.mse.encode(x)
+            self.store(f"{name}_codes", slots, active, codes)
+            self.store(f"{name}_scale", slots, active, scale)
+
+    def scores(self, q):
+        keys = self.mse.decode_rotated(self.k_codes, self.k_scale)
+        return torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, keys)
+
+    def values(self):
+        return self.mse.decode_rotated(self.v_codes, self.v_scale) @ self.mse.rotation.T
+
+    def bytes_per_token(self):
+        return 2 * self.heads * (self.head_dim // 2 + 2)
+
+
 class QJLCache(KVCache):
-    """Keys as sign(S k) bits (m = KV_QJL_DIM, packed 8 per byte) and ||k|| in fp16; the score
-    sqrt(pi/2)/m * ||k|| * <S q, sign(S k)> is an unbiased estimate of q.k for Gaussian S.
+    """TurboQuant's inner-product quantizer for keys: TurboQuantMSE's 4-bit codes, and QJL on what they miss, the
+    rotated residual r: sign(S r) (m = KV_QJL_DIM bits, packed 8 per byte) and ||r|| in fp16. The score
+    q.k_mse + sqrt(pi/2)/m * ||r|| * <S q, sign(S r)> (q in the rotated basis) is an unbiased estimate of q.k for
+    Gaussian S, whose QJL noise scales with the small ||r|| (plain QJL on k: +0.09 bpb on trained weights).
     Values group-quantized to KV_VALUE_BITS."""
+
+    name = "qjl"
 
     def allocate(self):
         m, g = self.cfg.qjl_dim, self.head_dim // self.cfg.group_size
+        self.mse = TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
         self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device)
         self.signs = sign_table(self.device)
-        self.extra_bytes = self.sketch.numel() * 2 + self.signs.numel()
+        self.extra_bytes = self.mse.nbytes + self.sketch.nbytes + self.signs.nbytes
+        self.buffer("k_codes", self.head_dim // 2, dtype=torch.uint8)
+        self.buffer("k_scale", dtype=torch.float16)
         self.buffer("k_bits", m // 8, dtype=torch.uint8)
-        self.buffer("k_norm", dtype=torch.float16)
+        self.buffer("k_rnorm", dtype=torch.float16)
         width = self.head_dim if self.cfg.value_bits == 8 else self.head_dim // 2
         self.buffer("v_q", width, dtype=torch.int8 if self.cfg.value_bits == 8 else torch.uint8)
         self.buffer("v_s", g, dtype=torch.float16)
 
     def write(self, k, v, slots, active):
-        kf = k.float()
-        self.store("k_bits", slots, active, pack_signs(kf @ self.sketch.float().T))
-        self.store("k_norm", slots, active, kf.norm(dim=-1).half())
+        kr = k.float() @ self.mse.rotation
+        codes, scale = self.mse.encode_rotated(kr)
+        residual = kr - self.mse.decode_rotated(codes, scale)
+        self.store("k_codes", slots, active, codes)
+        self.store("k_scale", slots, active, scale)
+        self.store("k_bits", slots, active, pack_signs(residual @ self.sketch.float().T))
+        self.store("k_rnorm", slots, active, residual.norm(dim=-1).half())
         q, s = group_quantize(v, self.cfg.group_size, self.cfg.value_bits)
         self.store("v_q", slots, active, q if self.cfg.value_bits == 8 else pack_nibbles(q))
         self.store("v_s", slots, active, s)
 
     def scores(self, q):
-        sq = quantize_sketched_query(q @ self.sketch.float().T)
-        est = torch.einsum("bhgm,bhnm->bhgn", sq, unpack_signs(self.k_bits))
-        return est * (math.sqrt(math.pi / 2) / self.cfg.qjl_dim) * self.k_norm.float()[:, :, None, :]
+        qr = q @ self.mse.rotation
+        mse = torch.einsum("bhgd,bhnd->bhgn", qr, self.mse.decode_rotated(self.k_codes, self.k_scale))
+        sketched = torch.einsum("bhgm,bhnm->bhgn", qr @ self.sketch.float().T, unpack_signs(self.k_bits))
+        return mse + sketched * (math.sqrt(math.pi / 2) / self.cfg.qjl_dim) * self.k_rnorm.float()[:, :, None, :]
 
     def values(self):
         q = self.v_q if self.cfg.value_bits == 8 else unpack_nibbles(self.v_q)
@@ -329,68 +445,117 @@ class QJLCache(KVCache):
 
     def bytes_per_token(self):
         value_bytes = self.head_dim * self.cfg.value_bits // 8 + 2 * self.head_dim // self.cfg.group_size
-        return self.heads * (self.cfg.qjl_dim // 8 + 2 + value_bytes)
+        return self.heads * (self.head_dim // 2 + 2 + self.cfg.qjl_dim // 8 + 2 + value_bytes)
 
 
 class QJLRecentKCache(QJLCache):
-    """QJL, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly from a small ring."""
+    """qjl, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly from a small ring of keys kept
+    in the rotated basis (where the query already is); each slot's position tells which entries are recent."""
+
+    name = "qjl_recentk"
 
     def allocate(self):
         super().allocate()
-        r = self.cfg.recent_exact_tokens
-        self.k_recent = torch.zeros(self.batch, self.heads, r, self.head_dim, dtype=self.dtype, device=self.device)
-        self.slot_pos = torch.zeros(self.batch, self.capacity, dtype=torch.int64, device=self.device)
-        self.newest = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
-        self.extra_bytes += self.k_recent.numel() * self.k_recent.element_size() + self.slot_pos.numel() * 8
+        b, r = self.batch, self.cfg.recent_exact_tokens
+        self.buffers["k_recent"] = self.k_recent = torch.zeros(b, self.heads, r, self.head_dim, dtype=self.dtype,
+                                                               device=self.device)
+        self.buffers["slot_pos"] = self.slot_pos = torch.zeros(b, self.capacity, dtype=torch.int32, device=self.device)
+        self.buffers["newest"] = self.newest = torch.zeros(b, dtype=torch.int32, device=self.device)
 
     def append(self, k, v, positions):
         super().append(k, v, positions)
         active, pos = positions >= 0, positions.clamp_min(0)
-        put_rows(self.k_recent, pos % self.cfg.recent_exact_tokens, active, k)
+        put_rows(self.k_recent, pos % self.cfg.recent_exact_tokens, active, k.float() @ self.mse.rotation)
         put_rows(self.slot_pos[:, None], pos % self.capacity, active, pos[:, None])
         self.newest.copy_(torch.where(active, pos, self.newest))
 
     def scores(self, q):
         r = self.cfg.recent_exact_tokens
-        exact = torch.einsum("bhgd,bhrd->bhgr", q, self.k_recent.float())
-        idx = (self.slot_pos % r)[:, None, None, :].expand(-1, self.heads, q.shape[2], -1)
+        exact = torch.einsum("bhgd,bhrd->bhgr", q @ self.mse.rotation, self.k_recent.float())
+        idx = (self.slot_pos.long() % r)[:, None, None, :].expand(-1, self.heads, q.shape[2], -1)
         recent = (self.newest[:, None] - self.slot_pos) < r
         return torch.where(recent[:, None, None, :], exact.gather(-1, idx), super().scores(q))
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels. Key modes: 0 = int8 groups, 1 = QJL sign bits, 2 = the cache's dtype (exact).
-# Value bits: 8 or 4 (groups with fp16 scales), or 0 (the cache's dtype).
+# Triton kernels. Codecs are named constexprs, a branch each; a codec a kernel does not know fails its
+# compilation (tl.static_assert), never falls through to another's path.
+#   keys:   "exact" (the cache's dtype), "int8" (groups, fp16 scales), "tq4" (rotated, 4-bit Lloyd-Max codes
+#           two per byte, fp16 scale), "qjl" (tq4, plus the sign bits of the sketched residual and its fp16 norm)
+#   values: "exact", "int8", "int4" (groups, fp16 scales), "tq4"
 # -----------------------------------------------------------------------------
-
-KEY_INT8, KEY_QJL, KEY_EXACT = 0, 1, 2
 
 if triton is not None:
 
     @triton.jit
-    def _store_rows(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
-        """x (R, D) fp32 rows stored at the rows' cache entries (R,) where live (R,) is set: as symmetric codes
-        (round half up) of BITS bits with fp16 scales per GROUP channels, or with BITS = 0 in q_ptr's dtype."""
+    def _store_groups(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
+        """x (R, D) fp32 rows stored at the rows' cache entries (R,) where live (R,) is set: symmetric codes
+        (round half up) of BITS (8 or 4) bits with fp16 scales per GROUP channels; 4-bit codes two per byte."""
         R: tl.constexpr = x.shape[0]
         D: tl.constexpr = x.shape[1]
         width: tl.constexpr = D // 2 if BITS == 4 else D
         offs = tl.arange(0, width)
         mask = live[:, None] & (offs < width)[None, :]
-        if BITS == 0:
-            tl.store(q_ptr + entry[:, None] * D + offs[None, :], x.to(q_ptr.dtype.element_ty), mask=mask)
+        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        xg = tl.reshape(x, (R, D // GROUP, GROUP))
+        scale = tl.maximum(tl.max(tl.abs(xg), axis=2) / QMAX, 2.0 ** -24).to(tl.float16).to(tl.float32)
+        q = tl.reshape(tl.minimum(tl.maximum(tl.floor(xg / scale[:, :, None] + 0.5), -QMAX), QMAX), (R, D))
+        if BITS == 8:
+            tl.store(q_ptr + entry[:, None] * D + offs[None, :], q.to(tl.int8), mask=mask)
         else:
-            QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-            xg = tl.reshape(x, (R, D // GROUP, GROUP))
-            scale = tl.maximum(tl.max(tl.abs(xg), axis=2) / QMAX, 2.0 ** -24).to(tl.float16).to(tl.float32)
-            q = tl.reshape(tl.minimum(tl.maximum(tl.floor(xg / scale[:, :, None] + 0.5), -QMAX), QMAX), (R, D))
-            if BITS == 8:
-                tl.store(q_ptr + entry[:, None] * D + offs[None, :], q.to(tl.int8), mask=mask)
-            else:
-                lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (R, D // 2, 2)))
-                tl.store(q_ptr + entry[:, None] * width + offs[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mask)
-            offs_g = tl.arange(0, D // GROUP)
-            tl.store(s_ptr + entry[:, None] * (D // GROUP) + offs_g[None, :], scale.to(tl.float16),
-                     mask=live[:, None] & (offs_g < D // GROUP)[None, :])
+            lo, hi = tl.split(tl.reshape((q + 8).to(tl.int32), (R, D // 2, 2)))
+            tl.store(q_ptr + entry[:, None] * width + offs[None, :], (lo | (hi << 4)).to(tl.uint8), mask=mask)
+        offs_g = tl.arange(0, D // GROUP)
+        tl.store(s_ptr + entry[:, None] * (D // GROUP) + offs_g[None, :], scale.to(tl.float16),
+                 mask=live[:, None] & (offs_g < D // GROUP)[None, :])
+
+    @triton.jit
+    def _rotate(x, rot_signs_ptr, hadamard_ptr):
+        """x (R, D) fp32 rows -> x in the layer's rotated basis, (x * signs) H / sqrt(D): two fp16 tensor-core dots
+        (x's fp16 high and low parts) against H, whose +-1 entries fp16 holds exactly: about fp32 accuracy."""
+        D: tl.constexpr = x.shape[1]
+        offs = tl.arange(0, D)
+        xs = x * tl.load(rot_signs_ptr + offs)[None, :]
+        h = tl.load(hadamard_ptr + offs[:, None] * D + offs[None, :])
+        high = xs.to(tl.float16)
+        return (tl.dot(high, h) + tl.dot((xs - high.to(tl.float32)).to(tl.float16), h)) * (1.0 / tl.sqrt(D * 1.0))
+
+    @triton.jit
+    def _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live):
+        """x (R, D) rotated rows: each row's direction x / |x| * sqrt(D), about N(0, 1) per coordinate, coded
+        by the 16-level Lloyd-Max codebook (code = boundaries below it; codebook: 16 centroids of N(0, 1/D),
+        then the 15 boundaries), channels 2i and 2i + 1 as the low and high nibble of byte i; and the row's
+        least-squares scale <x, c> / <c, c> of its decoded codes c, in fp16. -> the rows as decoded (R, D)."""
+        R: tl.constexpr = x.shape[0]
+        D: tl.constexpr = x.shape[1]
+        u = x * (tl.sqrt(D * 1.0) / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-30))[:, None]
+        code = tl.zeros((R, D), tl.int32)
+        for j in tl.static_range(15):
+            code += (u > tl.load(codebook_ptr + 16 + j)).to(tl.int32)
+        c = tl.load(codebook_ptr + code)
+        scale = tl.sum(x * c, axis=1) / tl.maximum(tl.sum(c * c, axis=1), 1e-30)
+        lo, hi = tl.split(tl.reshape(code, (R, D // 2, 2)))
+        offs = tl.arange(0, D // 2)
+        tl.store(q_ptr + entry[:, None] * (D // 2) + offs[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=live[:, None] & (offs < D // 2)[None, :])
+        tl.store(s_ptr + entry, scale.to(tl.float16), mask=live)
+        return c * scale.to(tl.float16).to(tl.float32)[:, None]
+
+    @triton.jit
+    def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr):
+        """Rows x (R, D) fp32 (already rotated for tq4) written in CODEC at their entries where live."""
+        D: tl.constexpr = x.shape[1]
+        if CODEC == "exact":
+            offs = tl.arange(0, D)
+            tl.store(q_ptr + entry[:, None] * D + offs[None, :], x.to(q_ptr.dtype.element_ty),
+                     mask=live[:, None] & (offs < D)[None, :])
+        elif CODEC == "int8":
+            _store_groups(x, q_ptr, s_ptr, entry, live, GROUP, 8)
+        elif CODEC == "int4":
+            _store_groups(x, q_ptr, s_ptr, entry, live, GROUP, 4)
+        else:
+            tl.static_assert(CODEC == "tq4", "unknown codec: exact, int8, int4 or tq4")
+            _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live)
 
     @triton.jit
     def _sketch(x, sketch_ptr, M: tl.constexpr):
@@ -402,24 +567,22 @@ if triton is not None:
         return tl.dot(high, sketch) + tl.dot((x - high.to(tl.float32)).to(tl.float16), sketch)
 
     @triton.jit
-    def _int8_steps(sx):
-        """S q (R, M) -> int8 codes and each row's step, max|S q| / 127 (quantize_sketched_query's rounding)."""
-        step = tl.maximum(tl.max(tl.abs(sx), axis=1), 1e-30) / 127.0
-        return tl.floor(sx / step[:, None] + 0.5).to(tl.int8), step
-
-    @triton.jit
-    def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, q_step_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
-                         kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, row_stride, CAP, eps, PROLOGUE: tl.constexpr,
-                         HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_V: tl.constexpr, KEY_MODE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-                         VBITS: tl.constexpr, M: tl.constexpr):
-        """Program (row, group of HG KV heads): quantize the row's new K and V of those heads, write them at slot
+    def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
+                         kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, slot_pos_ptr, newest_ptr, vq_ptr, vs_ptr,
+                         sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
+                         row_stride, CAP, eps, PROLOGUE: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr,
+                         HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, KEY: tl.constexpr,
+                         VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
+                         RECENT: tl.constexpr):
+        """Program (row, group of HG KV heads): code the row's new K and V of those heads, write them at slot
         position % CAP, and set the row's filled length. x holds the H keys, or with PROLOGUE the row's fused QKV
         projection: then the group's query heads and keys are RMS-normed and rotated at the row's position first,
-        and the query heads, scaled by their gains, are stored to q_out; for QJL keys q_out takes the queries'
-        sketches instead, in int8 steps (one step per head to q_step), as the attention kernel consumes them.
-        One tile holds the group's heads: the sketch S (M, D) is loaded once per program and applied by a
-        tensor-core dot. A row whose position is negative is inactive: nothing of it is written."""
+        and the query heads, scaled by their gains, are stored to q_out in the form the attention kernel takes
+        (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
+        sketched residual and its norm; with RECENT, the rotated key also goes to a ring of the RECENT newest
+        keys, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation
+        matrix is loaded once per program and applied by a tensor-core dot. A row whose position is negative is
+        inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
         slot = tl.maximum(pos, 0) % CAP
@@ -444,40 +607,37 @@ if triton is not None:
             x = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
             x = x * tl.load(gain_ptr + q_head, mask=is_query, other=1.0).to(tl.float32)[:, None]
         entry = (b * H + k_head) * CAP + slot
-        if KEY_MODE != 1:
-            _store_rows(x, kq_ptr, ks_ptr, entry, is_key, GROUP, 8 if KEY_MODE == 0 else 0)
-            if PROLOGUE:
-                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
-                         mask=is_query[:, None])
-        else:
-            sx = _sketch(x, sketch_ptr, M)
+        if (KEY == "tq4") | (KEY == "qjl"):
+            x = _rotate(x, rot_signs_ptr, hadamard_ptr)
+        if KEY == "qjl":
+            residual = x - _store_tq4(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key)
+            sx = _sketch(residual, sketch_ptr, M)
             bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
             offs_b = tl.arange(0, M // 8)
-            tl.store(kq_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
+            tl.store(kbits_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
-            tl.store(ks_ptr + entry, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=is_key)
-            if PROLOGUE:
-                codes, step = _int8_steps(sx)
-                offs_m = tl.arange(0, M)
-                tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * M + offs_m[None, :], codes,
-                         mask=is_query[:, None] & (offs_m < M)[None, :])
-                tl.store(q_step_ptr + b * HQ + q_head, step, mask=is_query)
+            tl.store(krnorm_ptr + entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
+            if RECENT > 0:
+                recent = (b * H + k_head) * RECENT + tl.maximum(pos, 0) % RECENT
+                tl.store(krecent_ptr + recent[:, None] * D + offs[None, :], x.to(krecent_ptr.dtype.element_ty),
+                         mask=is_key[:, None])
+        else:
+            _store_codes(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key, KEY, GROUP)
+        if PROLOGUE:
+            tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
+                     mask=is_query[:, None])
         in_group = tl.arange(0, BLOCK_V) < HG
         v_head = h0 + tl.arange(0, BLOCK_V)
         v = tl.load(v_ptr + b * row_stride + v_head[:, None] * D + offs[None, :], mask=in_group[:, None],
                     other=0).to(tl.float32)
+        if VALUE == "tq4":
+            v = _rotate(v, rot_signs_ptr, hadamard_ptr)
         v_live = in_group & (v_head * 0 + pos >= 0)
-        _store_rows(v, vq_ptr, vs_ptr, (b * H + v_head) * CAP + slot, v_live, GROUP, VBITS)
+        _store_codes(v, vq_ptr, vs_ptr, codebook_ptr, (b * H + v_head) * CAP + slot, v_live, VALUE, GROUP)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
-
-    @triton.jit
-    def _scale_groups(codes, s_ptr, entry, nmask, GROUP: tl.constexpr):
-        """codes (N, D) fp16 times their entries' per-group scales, loaded once per group (N, D // GROUP)."""
-        N: tl.constexpr = codes.shape[0]
-        D: tl.constexpr = codes.shape[1]
-        scale = tl.load(s_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :], mask=nmask[:, None],
-                        other=0)
-        return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
+        if RECENT > 0:
+            tl.store(slot_pos_ptr + b * CAP + slot, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
+            tl.store(newest_ptr + b, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
 
     FP16_1024 = tl.constexpr(0x6400)  # the fp16 bit pattern of 1024.0, whose low bits count by 1
 
@@ -488,44 +648,86 @@ if triton is not None:
         return pattern.to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE: tl.constexpr, D: tl.constexpr,
-                    GROUP: tl.constexpr, M: tl.constexpr):
-        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
-        dots. int8 keys: q is fp16 (BLOCK_H, D); exact keys: q in the keys' dtype. QJL: q is the sketched query
-        in int8 steps as a pair of (BLOCK_H, M // 2) halves (_nibble_halves), the coordinates under the low and
-        under the high nibble of each byte of sign bits; each nibble is one 4-byte load from the 64-byte sign
-        table (L1-resident), and each half one integer dot. QJL scores come out in units of the query's step."""
-        if KEY_MODE != 1:
-            k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-            if KEY_MODE == 0:
-                k = _scale_groups(k.to(tl.float16), ks_ptr, entry, nmask, GROUP)
-            return tl.dot(q, tl.trans(k))
-        else:
-            q_low, q_high = q
-            byte = tl.load(kq_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
-                           other=0).to(tl.int32)
-            lane = tl.arange(0, 4)[None, None, :]
-            low = tl.reshape(tl.load(signs_ptr + (byte & 15)[:, :, None] * 4 + lane), (byte.shape[0], M // 2))
-            high = tl.reshape(tl.load(signs_ptr + (byte >> 4)[:, :, None] * 4 + lane), (byte.shape[0], M // 2))
-            score = tl.dot(q_low, tl.trans(low)) + tl.dot(q_high, tl.trans(high))
-            norm = tl.load(ks_ptr + entry, mask=nmask, other=0).to(tl.float32)
-            return score.to(tl.float32) * (norm[None, :] * (1.2533141373155003 / M))
+    def _int8_fp16(codes):
+        """int8 codes (any of -128..127) -> fp16, exactly: 1024 + (c + 128) as an fp16 bit pattern, less 1152. Integer
+        ops instead of the int8-to-fp16 conversion, which bound the int8 decoder at full cache and batch 1024."""
+        return _fp16_bits(codes.to(tl.int32) + (FP16_1024 + 128)) - 1152.0
 
     @triton.jit
-    def _value_halves(vq_ptr, vs_ptr, entry, nmask, D: tl.constexpr, GROUP: tl.constexpr, VBITS: tl.constexpr):
+    def _even_odd_halves(x):
+        """(R, D) -> its even and its odd channels, each (R, D // 2)."""
+        return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+    @triton.jit
+    def _tq4_halves(q_ptr, s_ptr, table_ptr, entry, nmask, D: tl.constexpr):
+        """A block of tq4 rows decoded in registers as even and odd channels (BLOCK_N, D // 2) fp16: the low and
+        high nibble of each byte looked up in the 16-entry fp16 centroid table (L1-resident), times the scale."""
+        byte = tl.load(q_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
+                       other=0).to(tl.int32)
+        scale = tl.load(s_ptr + entry, mask=nmask, other=0)[:, None]
+        return tl.load(table_ptr + (byte & 15)) * scale, tl.load(table_ptr + (byte >> 4)) * scale
+
+    @triton.jit
+    def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, table_ptr, sign_table_ptr, entry, nmask,
+                    KEY: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr):
+        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
+        dots. exact keys: q in the keys' dtype; int8: q fp16 (BLOCK_H, D); tq4: q in the rotated basis as fp16
+        even and odd channel halves. qjl: those halves and S q's halves (_nibble_halves, fp16): the tq4 score plus
+        the residual's, sqrt(pi/2) / M * |r| * <S q, sign(S r)>, whose signs are looked up a nibble at a time in
+        the 128-byte fp16 sign table (L1-resident, one 8-byte load each), not unpacked bit by bit."""
+        if KEY == "exact":
+            k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+            score = tl.dot(q, tl.trans(k))
+        elif KEY == "int8":
+            k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+            score = tl.dot(q, tl.trans(_scale_groups(_int8_fp16(k), ks_ptr, entry, nmask, GROUP)))
+        else:
+            tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
+            k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, table_ptr, entry, nmask, D)
+            score = tl.dot(q[0], tl.trans(k_even)) + tl.dot(q[1], tl.trans(k_odd))
+        if KEY == "qjl":
+            sq_low, sq_high = q[2], q[3]
+            byte = tl.load(kbits_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
+                           other=0).to(tl.int32)
+            lane = tl.arange(0, 4)[None, None, :]
+            shape: tl.constexpr = (entry.shape[0], M // 2)
+            low = tl.reshape(tl.load(sign_table_ptr + (byte & 15)[:, :, None] * 4 + lane), shape)
+            high = tl.reshape(tl.load(sign_table_ptr + (byte >> 4)[:, :, None] * 4 + lane), shape)
+            sketched = tl.dot(sq_low, tl.trans(low)) + tl.dot(sq_high, tl.trans(high))
+            rnorm = tl.load(krnorm_ptr + entry, mask=nmask, other=0).to(tl.float32)
+            score += sketched * (rnorm[None, :] * (1.2533141373155003 / M))
+        return score
+
+    @triton.jit
+    def _scale_groups(codes, s_ptr, entry, nmask, GROUP: tl.constexpr):
+        """codes (N, D) fp16 times their entries' per-group scales, loaded once per group (N, D // GROUP)."""
+        N: tl.constexpr = codes.shape[0]
+        D: tl.constexpr = codes.shape[1]
+        scale = tl.load(s_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :], mask=nmask[:, None],
+                        other=0)
+        return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
+
+    @triton.jit
+    def _value_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, VALUE: tl.constexpr, D: tl.constexpr,
+                      GROUP: tl.constexpr):
         """A block of cached values decoded in registers as its even and its odd channels, two (BLOCK_N, D // 2)
         fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
         interleaves them back (that went through shared memory); each tile feeds its own dot."""
         N: tl.constexpr = entry.shape[0]
-        if VBITS == 4:
+        if VALUE == "tq4":  # (no early return: the compiler would still compile the code after it)
+            even, odd = _tq4_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, D)
+        elif VALUE == "int4":
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
             even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
             odd = _fp16_bits((byte >> 4) | FP16_1024) - 1032.0
         else:
+            tl.static_assert((VALUE == "int8") | (VALUE == "exact"), "unknown value codec: exact, int8, int4 or tq4")
             v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-            even, odd = tl.split(tl.reshape(v.to(tl.float16), (N, D // 2, 2)))
-        if VBITS != 0:
+            if VALUE == "int8":
+                v = _int8_fp16(v)
+            even, odd = _even_odd_halves(v.to(tl.float16))
+        if (VALUE == "int8") | (VALUE == "int4"):
             scale = tl.load(vs_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :],
                             mask=nmask[:, None], other=0)[:, :, None]  # channels 2i and 2i + 1: group 2i // GROUP
             shape: tl.constexpr = (N, D // GROUP, GROUP // 2)
@@ -564,16 +766,17 @@ if triton is not None:
         return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
-    def _attend_kernel(q_ptr, q_step_ptr, kq_ptr, ks_ptr, vq_ptr, vs_ptr, sketch_ptr, signs_ptr, len_ptr, mid_o_ptr,
-                       mid_lse_ptr, count_ptr, out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr,
-                       KEY_MODE: tl.constexpr, SKETCHED: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
-                       VBITS: tl.constexpr, M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                       NSPLIT: tl.constexpr):
+    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, slot_pos_ptr, newest_ptr, vq_ptr,
+                       vs_ptr, sketch_ptr, key_table_ptr, sign_table_ptr, value_table_ptr, len_ptr, mid_o_ptr,
+                       mid_lse_ptr, count_ptr, out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr,
+                       VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
+                       RECENT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
         """Program (row, KV head, split): online softmax over its slice of the filled length for all G query
         heads of that KV head. With one split it writes the output; otherwise it writes its partial output
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
-        them (flash decoding in one launch). SKETCHED: q is already the QJL sketch in int8 steps, with its
-        steps at q_step (the fused prologue wrote them)."""
+        them (flash decoding in one launch). tq4 and qjl keys: q arrives in the rotated basis (qjl sketches it
+        here, once per program); tq4 values: the output leaves in that basis (the caller rotates it back).
+        RECENT: entries among the row's RECENT newest positions are scored exactly from the ring of rotated keys."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         length = tl.load(len_ptr + b)
         start = sp * CHUNK
@@ -581,18 +784,15 @@ if triton is not None:
         offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, D)
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
-        if SKETCHED:
-            q = tl.load(q_ptr + heads[:, None] * M + tl.arange(0, M)[None, :], mask=hmask[:, None], other=0)
-            score_scale = tl.load(q_step_ptr + heads, mask=hmask, other=0) * sm_scale
-        else:
-            q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
-            q = q_in.to(tl.float16 if KEY_MODE == 0 else kq_ptr.dtype.element_ty)
-            score_scale = tl.full((BLOCK_H,), sm_scale, tl.float32)
-            if KEY_MODE == 1:  # a plain query: sketch it here, in int8 steps
-                q, step = _int8_steps(_sketch(q_in, sketch_ptr, M))
-                score_scale = step * sm_scale
-        if KEY_MODE == 1:
-            q = _nibble_halves(q)
+        q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
+        q = q_in.to(kq_ptr.dtype.element_ty if KEY == "exact" else tl.float16)
+        q16 = q_in.to(tl.float16)
+        if KEY == "tq4":
+            q = _even_odd_halves(q)
+        elif KEY == "qjl":
+            q_even, q_odd = _even_odd_halves(q)
+            sq_low, sq_high = _nibble_halves(_sketch(q_in, sketch_ptr, M).to(tl.float16))
+            q = (q_even, q_odd, sq_low, sq_high)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
@@ -601,15 +801,22 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             entry = (b * H + h) * CAP + offs_n
-            s = _key_scores(q, kq_ptr, ks_ptr, signs_ptr, entry, nmask, KEY_MODE, D, GROUP, M) * score_scale[:, None]
+            s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, key_table_ptr, sign_table_ptr, entry, nmask, KEY,
+                            D, GROUP, M) * sm_scale
+            if RECENT > 0:
+                slot_pos = tl.load(slot_pos_ptr + b * CAP + offs_n, mask=nmask, other=0)
+                recent = nmask & (tl.load(newest_ptr + b) - slot_pos < RECENT)
+                ring = (b * H + h) * RECENT + slot_pos % RECENT
+                k_exact = tl.load(krecent_ptr + ring[:, None] * D + offs_d[None, :], mask=recent[:, None], other=0)
+                s = tl.where(recent[None, :], tl.dot(q16, tl.trans(k_exact.to(tl.float16))) * sm_scale, s)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, D, GROUP, VBITS)
+            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, value_table_ptr, entry, nmask, VALUE, D, GROUP)
             p16 = p.to(tl.float16)
-            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even)
-            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd)
+            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even.to(tl.float16))
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd.to(tl.float16))
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         filled = l_i > 0
@@ -644,55 +851,79 @@ def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per
     return splits, -(-chunk // block_n) * block_n
 
 
-# Attention launch settings (block_n, num_warps, num_stages, programs per SM, register cap or None) per key mode
-# and regime, from the H100 sweep (benchmarks/benchmark_kv_backends.py --sweep). Fewer (row, KV head) pairs
-# than SMs is latency-bound: short blocks, many splits. More is bandwidth-bound: long blocks, and a register
-# cap where more programs per SM hide more latency than the spills cost.
-LAUNCH_SETTINGS = {(KEY_EXACT, "latency"): (64, 4, 1, 8, None), (KEY_EXACT, "bandwidth"): (64, 2, 1, 8, None),
-                   (KEY_INT8, "latency"): (64, 4, 3, 4, None), (KEY_INT8, "bandwidth"): (64, 2, 3, 8, 128),
-                   (KEY_QJL, "latency"): (64, 8, 1, 8, None), (KEY_QJL, "bandwidth"): (128, 4, 1, 8, 128)}
+# Attention launch settings: (block_n, num_warps, num_stages, programs per SM, register cap or None).
+Launch = tuple[int, int, int, int, int | None]
 
 
-class SketchedQuery(NamedTuple):
-    """A query as the QJL Triton prologue hands it to attend: S q in int8 steps (B, Hq, M), each head's step (B, Hq)."""
-    codes: Tensor
-    step: Tensor
+class RotatedQuery(NamedTuple):
+    """A query as the tq4 and qjl Triton prologues hand it to attend: q in the layer's rotated basis (B, Hq, D)."""
+    values: Tensor
 
 
-def query_tensors(q: Tensor | SketchedQuery) -> tuple[Tensor, Tensor]:
-    """The kernels' query arguments: values or sketch codes, then the steps (q itself as a placeholder if plain)."""
-    return (q.codes, q.step) if isinstance(q, SketchedQuery) else (q.contiguous(), q)
+class KernelCodes(NamedTuple):
+    """A backend's cache buffers in the kernels' order; a codec without one of them passes any tensor."""
+    key: Tensor  # codes (exact: the keys)
+    key_scale: Tensor  # int8: per group; tq4 and qjl: per vector
+    key_bits: Tensor  # qjl: sign bits of the sketched residual
+    key_rnorm: Tensor  # qjl: the residual's norm, fp16
+    recent_keys: Tensor  # qjl_recentk: the ring of the newest keys, rotated (B, Hkv, R, D)
+    slot_pos: Tensor  # qjl_recentk: each slot's position (B, capacity) int32
+    newest: Tensor  # qjl_recentk: each row's newest position (B,) int32
+    value: Tensor
+    value_scale: Tensor
+
+    @classmethod
+    def of(cls, key: Tensor, key_scale: Tensor, value: Tensor, value_scale: Tensor, **more: Tensor) -> "KernelCodes":
+        """The buffers a codec has; an absent one is passed as the key codes (its kernel branch never reads it)."""
+        return cls(**{**dict.fromkeys(cls._fields, key), "key_scale": key_scale, "value": value,
+                      "value_scale": value_scale, **more})
+
+
+class KernelTables(NamedTuple):
+    """The kernels' read-only operands beyond the cache buffers; a backend that does not use one passes any tensor."""
+    sketch: Tensor  # qjl: S (M, D) fp16
+    key_table: Tensor  # tq4 and qjl: the fp16 centroids
+    sign_table: Tensor  # qjl: the 128-byte fp16 sign table
+    value_table: Tensor  # tq4: the fp16 centroids
+    rot_signs: Tensor  # tq4 and qjl: the rotation's signs (D,) fp32
+    hadamard: Tensor  # tq4 and qjl: H (D, D) fp16, +-1
+    codebook: Tensor  # tq4 and qjl: 16 centroids of N(0, 1/D), then 15 boundaries (of N(0, 1)), fp32
 
 
 class TritonAttendMixin:
-    """append / prologue / attend through the Triton kernels over the reference backend's own buffers."""
+    """append / prologue / attend through the Triton kernels over the torch reference backend's own buffers.
 
-    key_mode: int
+    A Triton backend is one class: this mixin, its torch reference (the next base; the tests check the kernels
+    against it), and its declaration: `key_codec` and `value_codec` (the kernels' named constexpr codecs),
+    `launch` (attention launch settings per regime, from benchmarks/benchmark_kv_backends.py --sweep), and
+    `codes()` (its buffers in the kernels' order). The registry, the tests and the benchmarks' grids derive
+    from these classes."""
+
+    key_codec: str
+    value_codec: str
+    # Fewer (row, KV head) pairs than SMs is latency-bound: short blocks, many splits. More is bandwidth-bound:
+    # long blocks, and a register cap where more programs per SM hide more latency than the spills cost.
+    launch: dict[str, Launch]
     # Overrides, set on an instance before its first call (both are planned once, in _plan): the attention
-    # launch settings (else LAUNCH_SETTINGS), and the KV heads per write program (else one each in the latency
-    # regime, and all of a row's heads in the bandwidth regime, so the QJL sketch loads once per row).
-    settings: tuple[int, int, int, int, int | None] | None = None
+    # launch settings, and the KV heads per write program (else one each in the latency regime, and all of a
+    # row's heads in the bandwidth regime, so a sketch or rotation loads once per row).
+    settings: Launch | None = None
     write_group: int | None = None
+    recent = 0  # newest keys scored exactly (qjl_recentk)
+
+    def codes(self) -> KernelCodes:
+        raise NotImplementedError
+
+    def tables(self) -> KernelTables:
+        any_tensor = self.lengths
+        return KernelTables(*(any_tensor,) * len(KernelTables._fields))
 
     def bandwidth_bound(self) -> bool:
         """At least as many (row, KV head) pairs as SMs: the bandwidth regime; fewer: latency."""
         return self.batch * self.heads >= sm_count(self.device)
 
-    def launch_settings(self) -> tuple[int, int, int, int, int | None]:
-        if self.settings is not None:
-            return self.settings
-        return LAUNCH_SETTINGS[(self.key_mode, "bandwidth" if self.bandwidth_bound() else "latency")]
-
-    def kernel_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Key codes, key scales (or norms), value codes, value scales, and the sketch (any tensor where unused)."""
-        raise NotImplementedError
-
-    def key_table(self) -> Tensor:
-        """The key decoder's lookup table (any tensor if unused)."""
-        raise NotImplementedError
-
-    def value_bits(self) -> int:
-        raise NotImplementedError
+    def launch_settings(self) -> Launch:
+        return self.settings or self.launch["bandwidth" if self.bandwidth_bound() else "latency"]
 
     def _plan(self):
         if not hasattr(self, "splits"):
@@ -706,23 +937,26 @@ class TritonAttendMixin:
             self.mid_lse = torch.empty(parts, device=self.device)
             self.split_count = torch.zeros(self.batch * self.heads, dtype=torch.int32, device=self.device)
 
-    def empty_query(self, dtype: torch.dtype) -> Tensor | SketchedQuery:
+    def empty_query(self, dtype: torch.dtype) -> Tensor | RotatedQuery:
         """What the fused prologue writes the query into, in the form attend takes."""
         return torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=dtype)
 
-    def _write(self, x: Tensor, v: Tensor, positions: Tensor, q: Tensor | SketchedQuery | None = None,
-               inv_freq: Tensor | None = None, q_gain: Tensor | None = None) -> None:
+    def _write(self, x: Tensor, v: Tensor, positions: Tensor, q=None, inv_freq: Tensor | None = None,
+               q_gain: Tensor | None = None) -> None:
         self._plan()
-        q_out, q_step = query_tensors(x if q is None else q)
         group = self.heads_per_write
         rows = (group * self.q_heads // self.heads if q is not None else 0) + group
+        dots = self.key_codec in ("qjl", "tq4")  # a tensor-core dot over the tile's rows needs 16 of them
+        t = self.tables()
         _kv_write_kernel[(self.batch, self.heads // group)](
-            x, v, q_out, q_step, positions, positions.stride(0), self.lengths, x if inv_freq is None else inv_freq,
-            x if q_gain is None else q_gain, *self.kernel_buffers(), x.stride(0), self.capacity,
-            torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads, H=self.heads, HG=group,
-            BLOCK_R=max(16 if self.key_mode == KEY_QJL else 1, triton.next_power_of_2(rows)),  # 16: a dot's rows
-            BLOCK_V=triton.next_power_of_2(group), KEY_MODE=self.key_mode, D=self.head_dim,
-            GROUP=self.cfg.group_size, VBITS=self.value_bits(), M=self.cfg.qjl_dim, num_warps=self.write_warps)
+            x, v, query_tensor(x if q is None else q), positions, positions.stride(0), self.lengths,
+            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.codes(), t.sketch,
+            t.rot_signs, t.hadamard, t.codebook,
+            x.stride(0), self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads,
+            H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)),
+            BLOCK_V=max(16 if self.value_codec == "tq4" else 1, triton.next_power_of_2(group)), KEY=self.key_codec,
+            VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim, RECENT=self.recent,
+            num_warps=self.write_warps)
 
     def append(self, k, v, positions):
         b = self.batch
@@ -738,90 +972,136 @@ class TritonAttendMixin:
         self._plan()
         g = self.q_heads // self.heads
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
+        t = self.tables()
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            *query_tensors(q), *self.kernel_buffers(), self.key_table(), self.lengths, self.mid_o, self.mid_lse,
-            self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g, KEY_MODE=self.key_mode,
-            SKETCHED=isinstance(q, SketchedQuery), D=self.head_dim, GROUP=self.cfg.group_size, VBITS=self.value_bits(),
-            M=self.cfg.qjl_dim,
-            BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=self.block_n, NSPLIT=self.splits,
-            num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.max_registers)
+            query_tensor(q), *self.codes(), t.sketch, t.key_table, t.sign_table, t.value_table, self.lengths,
+            self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
+            KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
+            M=self.cfg.qjl_dim, RECENT=self.recent, BLOCK_H=max(16, triton.next_power_of_2(g)),
+            BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
+            maxnreg=self.max_registers)
         return out
+
+
+def query_tensor(q: Tensor | RotatedQuery) -> Tensor:
+    return (q.values if isinstance(q, RotatedQuery) else q).contiguous()
+
+
+class RotatedAttendMixin(TritonAttendMixin):
+    """A backend whose keys are scored in the layer's rotated basis (its `mse` coder's): the fused prologue rotates q
+    with k (one dot over the tile), a plain q is rotated here, and tq4 values, which decode in that basis, leave
+    attention rotated back once per head."""
+
+    def as_query(self, q):
+        return RotatedQuery((q.float() @ self.mse.rotation).to(q.dtype))
+
+    def empty_query(self, dtype):
+        return RotatedQuery(super().empty_query(dtype))
+
+    def tables(self):
+        return super().tables()._replace(key_table=self.mse.table, rot_signs=self.mse.signs,
+                                         hadamard=self.mse.hadamard, codebook=self.mse.codebook)
+
+    def attend(self, q):
+        out = super().attend(q if isinstance(q, RotatedQuery) else self.as_query(q))
+        return (out.float() @ self.mse.rotation.T).to(self.dtype) if self.value_codec == "tq4" else out
 
 
 class ExactTritonCache(TritonAttendMixin, ExactCache):
     """The exact cache through the Triton kernels: the exact reference of a long eval at the quantized backends'
     speed (the torch reference attends over the whole buffer)."""
 
-    key_mode = KEY_EXACT
+    name, key_codec, value_codec = "bf16_triton", "exact", "exact"
+    launch = {"latency": (64, 4, 1, 8, None), "bandwidth": (64, 2, 1, 8, None)}
 
-    def kernel_buffers(self):
-        return self.k, self.k, self.v, self.v, self.k
-
-    def key_table(self):
-        return self.k
-
-    def value_bits(self):
-        return 0
+    def codes(self):
+        return KernelCodes.of(self.k, self.k, self.v, self.v)
 
 
 class Int8TritonCache(TritonAttendMixin, Int8Cache):
-    key_mode = KEY_INT8
+    name, key_codec, value_codec = "int8_triton", "int8", "int8"
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 8, 128)}
 
-    def kernel_buffers(self):
-        return self.k_q, self.k_s, self.v_q, self.v_s, self.k_q
-
-    def key_table(self):
-        return self.k_q
-
-    def value_bits(self):
-        return 8
+    def codes(self):
+        return KernelCodes.of(self.k_q, self.k_s, self.v_q, self.v_s)
 
 
-class QJLTritonCache(TritonAttendMixin, QJLCache):
-    key_mode = KEY_QJL
+class QJLTritonCache(RotatedAttendMixin, QJLCache):
+    name, key_codec = "qjl_triton", "qjl"
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 8, 128)}  # int8's, until a sweep
 
-    def kernel_buffers(self):
-        return self.k_bits, self.k_norm, self.v_q, self.v_s, self.sketch
+    @property
+    def value_codec(self) -> str:
+        return f"int{self.cfg.value_bits}"
 
-    def key_table(self):
-        return self.signs
+    def codes(self):
+        return KernelCodes.of(self.k_codes, self.k_scale, self.v_q, self.v_s, key_bits=self.k_bits,
+                              key_rnorm=self.k_rnorm)
 
-    def as_query(self, q):
-        return SketchedQuery(*sketched_query_codes(q.float() @ self.sketch.float().T))
-
-    def empty_query(self, dtype):
-        b, h = self.batch, self.q_heads
-        return SketchedQuery(torch.empty(b, h, self.cfg.qjl_dim, device=self.device, dtype=torch.int8),
-                             torch.empty(b, h, device=self.device))
-
-    def value_bits(self):
-        return self.cfg.value_bits
+    def tables(self):
+        return super().tables()._replace(sketch=self.sketch, sign_table=self.signs)
 
 
-KV_BACKENDS: dict[str, type[KVCache]] = {
-    "bf16": ExactCache,
-    "bf16_triton": ExactTritonCache,
-    "int8": Int8Cache,
-    "int8_triton": Int8TritonCache,
-    "qjl": QJLCache,
-    "qjl_triton": QJLTritonCache,
-    "qjl_recentk": QJLRecentKCache,
-}
-TORCH_REFERENCE = {"bf16_triton": "bf16", "int8_triton": "int8", "qjl_triton": "qjl"}
+class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
+    name = "qjl_recentk_triton"
+    recent = property(lambda self: self.cfg.recent_exact_tokens)
+
+    def codes(self):
+        return super().codes()._replace(recent_keys=self.k_recent, slot_pos=self.slot_pos, newest=self.newest)
+
+
+class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
+    name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
+    # Swept on one H200 (108 settings): the best at 1024x1024 and within 0.4% of the best at 16384x64; no setting
+    # moved tq4 by more than 2% (its table decode, not the memory, bounds it)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 2, 4, None)}
+
+    def codes(self):
+        return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)
+
+    def tables(self):
+        return super().tables()._replace(value_table=self.mse.table)
+
+
+TORCH_BACKENDS = (ExactCache, Int8Cache, QJLCache, QJLRecentKCache, TQ4Cache)
+TRITON_BACKENDS = (ExactTritonCache, Int8TritonCache, QJLTritonCache, QJLRecentKTritonCache, TQ4TritonCache)
+KV_BACKENDS: dict[str, type[KVCache]] = {cls.name: cls for cls in TORCH_BACKENDS + TRITON_BACKENDS}
+TORCH_REFERENCE = {cls.name: next(base.name for base in cls.__mro__[1:] if base in TORCH_BACKENDS)
+                   for cls in TRITON_BACKENDS}
 
 
 def exact_backend(device) -> str:
     """The exact reference an eval scores first: on CUDA the Triton kernels, whose attention reads only the filled
     length (the torch reference attends over the whole buffer: too slow for a whole validation split)."""
-    return "bf16_triton" if use_decode_kernels(torch.device(device)) else "bf16"
+    return ExactTritonCache.name if use_decode_kernels(torch.device(device)) else ExactCache.name
 
 
-def make_kv_cache(name: str, *args, **kwargs) -> KVCache:
+def default_backend(device) -> str:
+    """The scored backend where none is named: the Triton int8 cache on CUDA, its torch reference elsewhere."""
+    return Int8TritonCache.name if use_decode_kernels(torch.device(device)) else Int8Cache.name
+
+
+def backend_problem(name: str, device) -> str | None:
+    """Why backend `name` cannot run on `device` (a sentence naming the alternative), or None if it can."""
+    if name not in TORCH_REFERENCE:
+        return None
+    ref = TORCH_REFERENCE[name]
+    if triton is None:
+        return f"needs triton, which is not installed; install it, or use {ref} (its torch reference)"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"its Triton kernels need a CUDA GPU and this machine has none; use {ref} (its torch reference), "
+                f"or set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter (slow)")
+    return None
+
+
+def make_kv_cache(name: str, batch: int, num_kv_heads: int, num_q_heads: int, capacity: int, head_dim: int, device,
+                  dtype: torch.dtype, cfg: KVConfig = KVConfig(), layer: int = 0) -> KVCache:
     if name not in KV_BACKENDS:
         raise ValueError(f"KV backend {name!r} is unknown; valid backends: {', '.join(KV_BACKENDS)}")
-    if name in TORCH_REFERENCE and triton is None:
-        raise RuntimeError(f"KV backend {name!r} needs triton; install it or use {TORCH_REFERENCE[name]!r}")
-    return KV_BACKENDS[name](*args, **kwargs)
+    problem = backend_problem(name, device)
+    if problem:
+        raise RuntimeError(f"KV backend {name}: {problem}")
+    return KV_BACKENDS[name](batch, num_kv_heads, num_q_heads, capacity, head_dim, device, dtype, cfg, layer)
 
 
 # -----------------------------------------------------------------------------
@@ -914,20 +1194,22 @@ if triton is not None:
         tl.store(out_ptr + offs, (x * x).to(out_ptr.dtype.element_ty), mask=offs < n)
 
     @triton.jit
-    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, weight_ptr, loss_ptr, V, softcap,
+    def _score_next_token_kernel(proj_ptr, rows_ptr, pos_ptr, row_len, window_ptr, loss_ptr, V, softcap,
                                  BLOCK_V: tl.constexpr):
         """Program per row b at position p = pos[b]: NLL of the softcapped logits at the row's next token
-        rows[b, p + 1], times the row's weight, added to its fp64 loss; then pos[b] = p + 1."""
+        rows[b, p + 1], added to its fp64 loss if p lies in the row's scored window [from, to); then
+        pos[b] = p + 1."""
         b = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + b)
-        target = tl.load(rows_ptr + b * row_len + tl.maximum(pos, 0) + 1)  # inactive rows (p < 0) weigh 0
+        scored = (pos >= tl.load(window_ptr + 2 * b)) & (pos < tl.load(window_ptr + 2 * b + 1))
+        target = tl.load(rows_ptr + b * row_len + tl.minimum(tl.maximum(pos, 0) + 1, row_len - 1))
         offs = tl.arange(0, BLOCK_V)
         z = tl.load(proj_ptr + b * V + offs, mask=offs < V, other=0).to(tl.float32) / softcap
         logit = tl.where(offs < V, softcap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)), float("-inf"))  # softcap*tanh(z)
         top = tl.max(logit, axis=0)
         lse = top + tl.log(tl.sum(tl.exp(logit - top), axis=0))
         nll = lse - tl.sum(tl.where(offs == target, logit, 0.0), axis=0)
-        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + nll.to(tl.float64) * tl.load(weight_ptr + b))
+        tl.store(loss_ptr + b, tl.load(loss_ptr + b) + tl.where(scored, nll.to(tl.float64), 0.0))
         tl.store(pos_ptr + b, pos + 1)
 
 
@@ -981,18 +1263,20 @@ def decode_linear(x: Tensor, w: Tensor, relu_square_out: bool = False) -> Tensor
     return relu_square(y) if relu_square_out else y
 
 
-def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+def score_next_token_reference(proj: Tensor, rows: Tensor, positions: Tensor, window: Tensor, loss: Tensor,
                                softcap: float) -> None:
-    """loss[b] += weight[b] * NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V);
-    then every position advances by one."""
-    targets = rows.gather(1, positions.clamp_min(0)[:, None] + 1).squeeze(1)
-    loss += next_token_nll_reference(proj, targets, softcap).double() * weight
+    """loss[b] += NLL of rows[b, positions[b] + 1] under the softcapped logits of proj (B, V) where
+    window[b, 0] <= positions[b] < window[b, 1] (the row's scored positions); then every position advances."""
+    targets = rows.gather(1, (positions.clamp_min(0)[:, None] + 1).clamp_max(rows.shape[1] - 1)).squeeze(1)
+    scored = (positions >= window[:, 0]) & (positions < window[:, 1])
+    loss += torch.where(scored, next_token_nll_reference(proj, targets, softcap).double(), 0.0)
     positions += 1
 
 
-def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, weight: Tensor, loss: Tensor,
+def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, window: Tensor, loss: Tensor,
                             softcap: float) -> None:
-    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), weight, loss, proj.shape[1],
+    assert window.shape == (proj.shape[0], 2) and window.is_contiguous() and rows.stride(1) == 1
+    _score_next_token_kernel[(proj.shape[0],)](proj, rows, positions, rows.stride(0), window, loss, proj.shape[1],
                                                softcap, BLOCK_V=triton.next_power_of_2(proj.shape[1]))
 
 
