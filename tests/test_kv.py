@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import triton_kv_ops as kv
+from conftest import ROOT
 
 CFG = kv.KVConfig(group_size=32, qjl_dim=128, value_bits=4, seed=3)
 FP16_DOT = dict(rtol=2e-3, atol=2e-3)  # the kernels' dot operands are fp16 (rounding 2^-11), accumulation fp32
@@ -284,3 +285,27 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     torch.testing.assert_close(fast.attend(q_fast), ref.attend(q_ref), **FP16_DOT)  # the query as the prologue made it
     q = torch.randn(b, hkv * g, d)
     torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
+
+
+def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
+    """benchmarks/kv_sensitivity.py decodes each entry at write: with keys and values coded it must attend as the
+    tq4 reference does (to rounding) and count its bytes; a variant that codes another layer is the exact cache."""
+    import importlib.util
+
+    monkeypatch.setattr(kv, "KV_BACKENDS", dict(kv.KV_BACKENDS))  # the variants register there: undone after
+    spec = importlib.util.spec_from_file_location("kv_sensitivity", ROOT / "benchmarks" / "kv_sensitivity.py")
+    sens = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sens)
+    names = sens.variants(2, ["keys"])
+    assert names == ["tq4_kv", "tq4_keys", "tq4_values", "tq4_keys_layer0", "tq4_keys_layer1"]
+    make = lambda name, layer: kv.make_kv_cache(name, 2, 2, 4, 32, 64, "cpu", torch.float32, kv.KVConfig(), layer)  # noqa: E731
+    ref, coded, elsewhere, exact = make("tq4", 1), make("tq4_kv", 1), make("tq4_keys_layer0", 1), make("bf16", 1)
+    for t in range(40):  # past the ring's 32 entries
+        k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+        for cache in (ref, coded, elsewhere, exact):
+            cache.append(k, v, torch.tensor([t, t - 5]))
+    q = torch.randn(2, 4, 64) * 3
+    torch.testing.assert_close(coded.attend(q), ref.attend(q), rtol=0, atol=1e-5)
+    assert (coded.attend(q) - exact.attend(q)).abs().max() > 1e-2
+    torch.testing.assert_close(elsewhere.attend(q), exact.attend(q), rtol=0, atol=1e-6)
+    assert coded.bytes_per_token() == ref.bytes_per_token() and elsewhere.bytes_per_token() == 2 * 2 * 64 * 2  # bf16

@@ -1,0 +1,110 @@
+"""Where a 4-bit TurboQuant KV cache's error comes from, on a trained artifact: the ring eval of the first N
+validation targets with tq4 coding keys and values, keys only, values only, and then keys (or values) of one
+layer at a time, each against the exact cache. The per-layer rows say which layers deserve more bits in a
+mixed allocation at the same average (a 3-bit code has about 3.6x the error of a 4-bit one, a 5-bit about 0.26x).
+
+Each variant is TQ4Cache's codec with every entry decoded once, when written, into an exact-layout buffer, so a
+step costs what the exact cache costs (the torch reference decodes the whole cache every step); the variants are
+registered under their own names for the one AR eval driver. Runs on CUDA or, slowly, on the CPU (about two
+minutes a variant at the defaults on two cores).
+
+    python benchmarks/kv_sensitivity.py --artifact final_model.polar.ptz --data-path DIR --per-layer keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+import triton_kv_ops as kv  # noqa: E402
+
+
+class RoundtripTQ4(kv.KVCache):
+    """Keys and/or values through TurboQuantMSE (encode, decode, rotate back) in the layers named; the rest exact."""
+
+    name, code_keys, code_values, layers = "tq4_roundtrip", True, True, None  # layers None: every layer
+
+    def allocate(self):
+        self.mse = kv.TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
+        self.buffer("k", self.head_dim, dtype=torch.float32)
+        self.buffer("v", self.head_dim, dtype=torch.float32)
+
+    def roundtrip(self, x, coded: bool):
+        if not coded or (self.layers is not None and self.layer not in self.layers):
+            return x.float()
+        return self.mse.decode_rotated(*self.mse.encode(x)) @ self.mse.rotation.T
+
+    def write(self, k, v, slots, active):
+        self.store("k", slots, active, self.roundtrip(k, self.code_keys))
+        self.store("v", slots, active, self.roundtrip(v, self.code_values))
+
+    def scores(self, q):
+        return torch.einsum("bhgd,bhnd->bhgn", q, self.k)
+
+    def values(self):
+        return self.v
+
+    def bytes_per_token(self):  # what is coded takes tq4's bytes, the rest bf16's
+        per_vector = {True: self.head_dim // 2 + 2, False: 2 * self.head_dim}
+        coded = self.layers is None or self.layer in self.layers
+        return self.heads * (per_vector[coded and self.code_keys] + per_vector[coded and self.code_values])
+
+
+def variant(label: str, **settings) -> str:
+    kv.KV_BACKENDS[label] = type(label, (RoundtripTQ4,), {"name": label, **settings})
+    return label
+
+
+def variants(layers: int, per_layer: list[str]) -> list[str]:
+    names = [variant("tq4_kv"), variant("tq4_keys", code_values=False), variant("tq4_values", code_keys=False)]
+    for part in per_layer:
+        other = {"keys": "code_values", "values": "code_keys"}[part]
+        names += [variant(f"tq4_{part}_layer{i}", layers=(i,), **{other: False}) for i in range(layers)]
+    return names
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--tokenizer", default="data/tokenizers/fineweb_1024_bpe.model")
+    p.add_argument("--tokens", type=int, default=16_384, help="validation targets scored per variant")
+    p.add_argument("--batch", type=int, default=16, help="ring rows")
+    p.add_argument("--per-layer", default="keys", help="keys, values, both (keys,values) or none")
+    p.add_argument("--out", type=Path, default=Path("kv_sensitivity.json"))
+    a = p.parse_args()
+    per_layer = [] if a.per_layer == "none" else a.per_layer.split(",")
+    if not set(per_layer) <= {"keys", "values"}:
+        p.error(f"--per-layer takes keys, values, keys,values or none, not {a.per_layer}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state, meta = tg.load_artifact(a.artifact)
+    model = tg.build_model(meta["model"], device)
+    model.load_state_dict(state)
+    model.eval()
+    args = dataclasses.replace(tg.Hyperparameters.from_env(), **meta["model"], data_path=a.data_path,
+                               tokenizer_path=a.tokenizer, kv_eval_batch=a.batch, kv_eval_cuda_graph=False)
+    val = tg.load_validation_tokens(args)
+    if val.numel() - 1 < a.tokens:
+        raise SystemExit(f"--tokens {a.tokens}: the validation split holds only {val.numel() - 1} targets")
+    luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
+    plan = tg.ring_plan(val[:a.tokens + 1], a.batch, args.kv_eval_context_len or args.train_seq_len)
+    rows = []
+    for backend in [kv.exact_backend(device), *variants(args.num_layers, per_layer)]:
+        with torch.no_grad():
+            r = tg.autoregressive_eval(args, model, plan, luts, backend, device, print)
+        r["delta_vs_exact"] = r["val_bpb"] - rows[0]["val_bpb"] if rows else 0.0
+        rows.append(r)
+        print(f"{backend:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r['delta_vs_exact']:+.6f}  "
+              f"bytes/token {r['bytes_per_token']}  {r['seconds']:.0f} s", flush=True)
+    a.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
