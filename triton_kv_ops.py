@@ -351,6 +351,11 @@ class TurboQuantMSE:
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.signs, self.hadamard, self.rotation,
                                                                  self.codebook, self.table))
 
+    @classmethod
+    def for_cache(cls, cache: "KVCache") -> "TurboQuantMSE":
+        """The quantizer of a cache's layer: a rotation of its own, seeded by KV_SEED and the layer index."""
+        return cls(cache.head_dim, 7919 * cache.cfg.seed + cache.layer, cache.device)
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (..., D) -> packed codes (..., D // 2) uint8, scale (...,) fp16."""
         return self.encode_rotated(x.float() @ self.rotation)
@@ -375,7 +380,7 @@ class TQ4Cache(KVCache):
     name = "tq4"
 
     def allocate(self):
-        self.mse = TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
+        self.mse = TurboQuantMSE.for_cache(self)
         self.extra_bytes = self.mse.nbytes
         for name in ("k", "v"):
             self.buffer(f"{name}_codes", self.head_dim // 2, dtype=torch.uint8)
@@ -409,7 +414,7 @@ class QJLCache(KVCache):
 
     def allocate(self):
         m, g = self.cfg.qjl_dim, self.head_dim // self.cfg.group_size
-        self.mse = TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
+        self.mse = TurboQuantMSE.for_cache(self)
         self.sketch = qjl_sketch(self.head_dim, m, self.cfg.seed * 1000 + self.layer, self.device)
         self.signs = sign_table(self.device)
         self.extra_bytes = self.mse.nbytes + self.sketch.nbytes + self.signs.nbytes

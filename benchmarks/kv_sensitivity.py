@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 import triton_kv_ops as kv  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_decode import ring_deltas  # noqa: E402
+
 
 class RoundtripTQ4(kv.KVCache):
     """Keys and/or values through TurboQuantMSE (encode, decode, rotate back) in the layers named; the rest exact."""
@@ -32,12 +35,16 @@ class RoundtripTQ4(kv.KVCache):
     name, code_keys, code_values, layers = "tq4_roundtrip", True, True, None  # layers None: every layer
 
     def allocate(self):
-        self.mse = kv.TurboQuantMSE(self.head_dim, 7919 * self.cfg.seed + self.layer, self.device)
+        self.mse = kv.TurboQuantMSE.for_cache(self)
         self.buffer("k", self.head_dim, dtype=torch.float32)
         self.buffer("v", self.head_dim, dtype=torch.float32)
 
+    @property
+    def layer_coded(self) -> bool:
+        return self.layers is None or self.layer in self.layers
+
     def roundtrip(self, x, coded: bool):
-        if not coded or (self.layers is not None and self.layer not in self.layers):
+        if not (coded and self.layer_coded):
             return x.float()
         return self.mse.decode_rotated(*self.mse.encode(x)) @ self.mse.rotation.T
 
@@ -53,8 +60,7 @@ class RoundtripTQ4(kv.KVCache):
 
     def bytes_per_token(self):  # what is coded takes tq4's bytes, the rest bf16's
         per_vector = {True: self.head_dim // 2 + 2, False: 2 * self.head_dim}
-        coded = self.layers is None or self.layer in self.layers
-        return self.heads * (per_vector[coded and self.code_keys] + per_vector[coded and self.code_values])
+        return self.heads * sum(per_vector[self.layer_coded and c] for c in (self.code_keys, self.code_values))
 
 
 def variant(label: str, **settings) -> str:
@@ -91,18 +97,8 @@ def main() -> None:
     args = dataclasses.replace(tg.Hyperparameters.from_env(), **meta["model"], data_path=a.data_path,
                                tokenizer_path=a.tokenizer, kv_eval_batch=a.batch, kv_eval_cuda_graph=False)
     val = tg.load_validation_tokens(args)
-    if val.numel() - 1 < a.tokens:
-        raise SystemExit(f"--tokens {a.tokens}: the validation split holds only {val.numel() - 1} targets")
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
-    plan = tg.ring_plan(val[:a.tokens + 1], a.batch, args.kv_eval_context_len or args.train_seq_len)
-    rows = []
-    for backend in [kv.exact_backend(device), *variants(args.num_layers, per_layer)]:
-        with torch.no_grad():
-            r = tg.autoregressive_eval(args, model, plan, luts, backend, device, print)
-        r["delta_vs_exact"] = r["val_bpb"] - rows[0]["val_bpb"] if rows else 0.0
-        rows.append(r)
-        print(f"{backend:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r['delta_vs_exact']:+.6f}  "
-              f"bytes/token {r['bytes_per_token']}  {r['seconds']:.0f} s", flush=True)
+    rows = ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer), a.tokens, device)
     a.out.write_text(json.dumps(rows, indent=2))
 
 

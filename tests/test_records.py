@@ -57,22 +57,25 @@ def recorded_numbers(folder) -> dict[int, set[str]]:
     return {d: {f"{x:.{d}f}" for x in found} for d in range(9)}
 
 
+def unrecorded(figures: list[str], recorded: dict[int, set[str]]) -> list[str]:
+    """The figures no recorded number reads as (thousands separators dropped, at the figure's decimals)."""
+    return [f for f in figures if f.replace(",", "") not in recorded[len(f.partition(".")[2])]]
+
+
 def test_readme_figure_check_catches_a_figure_no_log_holds(tmp_path):
     (tmp_path / "run.json").write_text('{"val_bpb": 1.2697406801996804, "bytes": 7949407, "tok_s": 543821.7}')
     recorded = recorded_numbers(tmp_path)
     figures = readme_figures("| polar | 1.26974 | 7,949,407 | 543,822 | int8 H200 `X=3` 2026-12-03 | 1.26975 | 0.675× |")
     assert figures == ["1.26974", "7,949,407", "543,822", "1.26975", "0.675"]
-    missing = [f for f in figures if f.replace(",", "") not in recorded[len(f.partition(".")[2])]]
-    assert missing == ["1.26975", "0.675"]
+    assert unrecorded(figures, recorded) == ["1.26975", "0.675"]
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
 def test_every_readme_figure_is_in_a_log_or_json_file(folder):
     """A figure of the README, read as written (thousands separators dropped, at its decimals), is a number
     of one of the folder's logs or JSON files."""
-    recorded = recorded_numbers(folder)
     figures = readme_figures((folder / "README.md").read_text(encoding="utf-8"))
-    missing = [f for f in figures if f.replace(",", "") not in recorded[len(f.partition(".")[2])]]
+    missing = unrecorded(figures, recorded_numbers(folder))
     assert figures and not missing, f"figures in {folder.name}/README.md that no log or JSON holds: {missing}"
 
 
