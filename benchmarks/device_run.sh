@@ -13,6 +13,7 @@
 #                   each of RING_BACKENDS with its delta vs exact (KV_* settings from the environment)
 #   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
 #   isolation       the artifact isolation check on the last artifact (or $ART) in a fresh process
+#   gpu_tests       tests/test_kv.py with the kernels compiled for the GPU (TRITON_INTERPRET=0), GPU_TESTS: a -k filter
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,6 +75,10 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
     isolation)
       (cd /tmp && timeout 120 python3 "$ROOT/artifact_isolation_check.py" "${ART:-$(last_artifact)}" --data-path "$DATA" \
         --tokenizer "$TOKENIZER" --steps 1024 --out "$RUNS/isolation.json" 2>&1 | tail -25 | tee -a "$OUT/summary.txt")
+      rc=${PIPESTATUS[0]} ;;
+    gpu_tests)
+      TRITON_INTERPRET=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_kv.py \
+        ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tail -15 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     *) note "unknown stage $stage"; rc=2 ;;
   esac

@@ -81,6 +81,16 @@ def run_config(name: str, extra: dict, a, tg) -> dict:
     return summary
 
 
+def code_commit(code_dir: Path) -> str:
+    """HEAD's short hash, "-dirty" when tracked files differ from it (the row ran code no commit holds)."""
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=code_dir,  # noqa: E731
+                                       check=False).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "uncommitted"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def table_row(name: str, s: dict, device: str, commit: str) -> str:
     bits = s["bits_per_weight_by_compressor"]
     return (f"| {time.strftime('%Y-%m-%d')} | {commit} | {device} | {name} | {s['settings']} | "
@@ -97,7 +107,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "datasets" / "wikipedia_sp1024")
     p.add_argument("--seconds", type=float, default=240.0)
     p.add_argument("--val-tokens", type=int, default=2_000_000)
-    p.add_argument("--commit", help="the code's commit for the table (default: git rev-parse in --code-dir)")
+    p.add_argument("--commit", help="the code's commit for the table (default: --code-dir's HEAD, -dirty if changed)")
     p.add_argument("--code-dir", type=Path, default=ROOT, help="the train_gpt.py to run (a records folder, say)")
     p.add_argument("--run-id", help="the run's name, for one --config (default: the config's name, and with --set "
                    "a hash of the settings, which the table's settings column spells out)")
@@ -116,8 +126,7 @@ def main() -> None:
     import train_gpt as tg
     device = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name() if "
                              "torch.cuda.is_available() else 'cpu')"], capture_output=True, text=True).stdout.strip()
-    commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=a.code_dir, check=False).stdout.strip() or "uncommitted"
+    commit = a.commit or code_commit(a.code_dir)
     for name in a.config:
         summary = run_config(name, extra, a, tg)
         row = table_row(name, summary, device, commit)

@@ -184,3 +184,24 @@ def test_standin_protocol_run_id_names_one_run(tmp_path):
            "mine", "--corpus", str(tmp_path), "--out-dir", str(tmp_path / "runs")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "--run-id names one run" in p.stderr and not (tmp_path / "runs").exists()
+
+
+def test_standin_rows_name_a_dirty_tree(tmp_path):
+    """A row run from uncommitted changes to tracked files says so: its commit alone would not reproduce it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("standin_protocol", ROOT / "benchmarks" / "standin_protocol.py")
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    assert protocol.code_commit(tmp_path) == "uncommitted"
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,  # noqa: E731
+                                       check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "train_gpt.py").write_text("a = 1\n")
+    git("add", "train_gpt.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert protocol.code_commit(tmp_path) == head
+    (tmp_path / "train_gpt.py").write_text("a = 2\n")
+    assert protocol.code_commit(tmp_path) == head + "-dirty"

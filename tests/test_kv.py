@@ -2,6 +2,7 @@
 QJL statistics, int8 accuracy, sizes and the registry."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,9 +10,19 @@ import torch
 import triton_kv_ops as kv
 from conftest import ROOT
 
+# With a GPU and TRITON_INTERPRET=0 the same tests compile the kernels for it: they then check the paths that only
+# the GPU runs (the int8 decoder's PTX) against the torch references.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
 CFG = kv.KVConfig(group_size=32, qjl_dim=128, value_bits=4, seed=3)
 FP16_DOT = dict(rtol=2e-3, atol=2e-3)  # the kernels' dot operands are fp16 (rounding 2^-11), accumulation fp32
 TRITON_BACKENDS = list(kv.TORCH_REFERENCE)  # every Triton backend, each tested against its torch reference
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    with torch.device(DEVICE):
+        yield
 
 
 def codes(cache, key):
@@ -33,7 +44,7 @@ def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
     """A cache of `name` whose rows hold `lengths` random tokens, filled by appends of the reference path."""
     torch.manual_seed(seed)
     b = len(lengths)
-    cache = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, "cpu", torch.float32, cfg)
+    cache = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, DEVICE, torch.float32, cfg)
     for t in range(max(lengths)):
         pos = torch.tensor([min(t, max(n - 1, 0)) for n in lengths])
         cache.append(torch.randn(b, hkv, d), torch.randn(b, hkv, d), pos)
@@ -46,7 +57,7 @@ def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
 @pytest.mark.parametrize("lengths, g, d", [([37, 1, 0], 2, 64), ([70], 1, 64), ([5, 129], 4, 128), ([0], 4, 64)])
 def test_triton_attend_matches_reference(name, regime, lengths, g, d):
     ref = filled(kv.TORCH_REFERENCE[name], lengths, 2, g, d, cap=160)
-    fast = kv.make_kv_cache(name, len(lengths), 2, 2 * g, 160, d, "cpu", torch.float32, CFG)
+    fast = kv.make_kv_cache(name, len(lengths), 2, 2 * g, 160, d, DEVICE, torch.float32, CFG)
     fast.settings = fast.launch[regime]
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
@@ -59,14 +70,26 @@ def test_triton_attend_matches_reference(name, regime, lengths, g, d):
     assert torch.all(got[empty] == 0)
 
 
+def test_qjl_triton_with_int8_values_attends_as_its_reference():
+    """QJL keys beside int8 values (VALUE_BITS=8): the values take the int8 decoder inside the QJL kernel."""
+    cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=8, seed=2)
+    ref = filled("qjl", [33, 7], 2, 2, 128, cap=48, cfg=cfg)
+    fast = kv.make_kv_cache("qjl_triton", 2, 2, 4, 48, 128, DEVICE, torch.float32, cfg)
+    for key in ref.buffers:
+        fast.buffers[key].copy_(ref.buffers[key])
+    fast.lengths.copy_(ref.lengths)
+    q = torch.randn(2, 4, 128)
+    torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
+
+
 @pytest.mark.parametrize("name, d, value_bits", [("bf16_triton", 64, 4), ("int8_triton", 64, 8), ("qjl_triton", 64, 4),
                                                   ("qjl_triton", 128, 8), ("qjl_recentk_triton", 64, 4),
                                                   ("tq4_triton", 64, 4), ("tq4_triton", 128, 4)])
 @pytest.mark.parametrize("write_group", [1, 2])
 def test_triton_write_matches_reference(name, d, value_bits, write_group):
     cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=value_bits, seed=1)
-    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 40, d, "cpu", torch.float32, cfg)
-    fast = kv.make_kv_cache(name, 3, 2, 4, 40, d, "cpu", torch.float32, cfg)
+    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
+    fast = kv.make_kv_cache(name, 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
     fast.write_group = write_group  # KV heads per program
     for t in range(45):  # past capacity: the ring wraps
         k, v, pos = torch.randn(3, 2, d) * 3, torch.randn(3, 2, d), torch.tensor([t, t + 3, 2 * t])
@@ -89,7 +112,7 @@ def test_qjl_score_is_unbiased_and_variance_falls_like_1_over_m():
     for m in (64, 256):
         est = []
         for seed in range(800):
-            s = kv.qjl_sketch(d, m, seed, "cpu").float()
+            s = kv.qjl_sketch(d, m, seed, DEVICE).float()
             signs = kv.unpack_signs(kv.pack_signs(s @ k))
             est.append(math.sqrt(math.pi / 2) / m * float(k.norm()) * float((s @ q) @ signs))
         est = torch.tensor(est, dtype=torch.float64)
@@ -100,23 +123,27 @@ def test_qjl_score_is_unbiased_and_variance_falls_like_1_over_m():
 
 
 def test_int8_decoder_is_exact_for_every_code():
-    """The kernels decode int8 codes through an fp16 bit pattern, not a conversion: every one of the 256 codes."""
+    """The kernels decode int8 codes a word at a time through fp16 bit patterns, not conversions: every one of the
+    256 codes at every byte of a word, back in channel order."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def decode(codes_ptr, out_ptr):
-        offs = tl.arange(0, 256)
-        tl.store(out_ptr + offs, kv._int8_fp16(tl.load(codes_ptr + offs)))
+    def decode(codes_ptr, out_ptr, D: tl.constexpr):
+        rows = tl.arange(0, 16)
+        c0, c1, c2, c3 = kv._int8_quads(codes_ptr, rows, rows < 16, D)
+        channels = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (16, D))
+        tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], channels)
 
-    codes = torch.arange(-128, 128, dtype=torch.int8)
-    out = torch.empty(256, dtype=torch.float16)
-    decode[(1,)](codes, out)
+    word, byte = torch.arange(256)[:, None], torch.arange(4)[None, :]
+    codes = ((word + 37 * byte) % 256 - 128).to(torch.int8).reshape(16, 64)  # byte i of the 256 words: every code
+    out = torch.empty(16, 64, dtype=torch.float16)
+    decode[(1,)](codes, out, D=64)
     assert torch.equal(out, codes.half())
 
 
 def test_sign_table_rows_are_the_unpacked_nibbles():
-    table = kv.sign_table("cpu").reshape(16, 4).float()
+    table = kv.sign_table(DEVICE).reshape(16, 4).float()
     assert torch.equal(table, kv.unpack_signs(torch.arange(16, dtype=torch.uint8)).reshape(16, 8)[:, :4])
 
 
@@ -128,10 +155,10 @@ def test_qjl_cache_score_is_unbiased_and_beats_plain_qjl():
     d, m = 64, 32
     q, k = torch.randn(1, 1, d), torch.randn(1, 1, d)
     exact = float((q * k).sum())
-    cache = kv.make_kv_cache("qjl", 1, 1, 1, 4, d, "cpu", torch.float32, kv.KVConfig(qjl_dim=m))
+    cache = kv.make_kv_cache("qjl", 1, 1, 1, 4, d, DEVICE, torch.float32, kv.KVConfig(qjl_dim=m))
     est, plain = [], []
     for seed in range(1000):
-        cache.sketch = kv.qjl_sketch(d, m, seed, "cpu")
+        cache.sketch = kv.qjl_sketch(d, m, seed, DEVICE)
         cache.append(k, torch.zeros(1, 1, d), torch.zeros(1, dtype=torch.int64))
         est.append(float(cache.scores(q[:, :, None])[0, 0, 0, 0]))
         s = cache.sketch.float()
@@ -153,7 +180,7 @@ def test_int8_attention_stays_within_a_stated_bound_of_exact():
 
 
 def test_bytes_per_token_against_bf16():
-    shape = (1, 4, 8, 64, 64, "cpu")
+    shape = (1, 4, 8, 64, 64, DEVICE)
     bf16 = kv.make_kv_cache("bf16", *shape, torch.bfloat16).bytes_per_token()
     int8 = kv.make_kv_cache("int8", *shape, torch.bfloat16).bytes_per_token()
     qjl = kv.make_kv_cache("qjl", *shape, torch.bfloat16).bytes_per_token()
@@ -178,12 +205,12 @@ def test_unknown_backend_lists_the_valid_ones():
     assert {"bf16", "bf16_triton", "int8", "int8_triton", "qjl", "qjl_triton", "qjl_recentk", "qjl_recentk_triton",
             "tq4", "tq4_triton"} == set(kv.KV_BACKENDS)
     with pytest.raises(ValueError, match="valid backends: " + ", ".join(kv.KV_BACKENDS)):
-        kv.make_kv_cache("fp4", 1, 1, 1, 8, 64, "cpu", torch.float32)
+        kv.make_kv_cache("fp4", 1, 1, 1, 8, 64, DEVICE, torch.float32)
 
 
 def test_every_triton_backend_declares_its_codecs_and_launches():
     for cls in kv.TRITON_BACKENDS:
-        cache = cls(2, 2, 4, 16, 64, "cpu", torch.float32, CFG)
+        cache = cls(2, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
         assert cache.key_codec in ("exact", "int8", "qjl", "tq4") and cache.value_codec in ("exact", "int8", "int4", "tq4")
         assert set(cls.launch) == {"latency", "bandwidth"}, cls.name
         torch_bases = [b for b in cls.__mro__ if b in kv.TORCH_BACKENDS]  # the reference it runs over, and its bases
@@ -208,20 +235,20 @@ def test_gaussian_lloyd_max_meets_its_conditions():
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_randomized_hadamard_is_orthogonal(d):
-    signs, h, rotation = kv.randomized_hadamard(d, 5, "cpu")
+    signs, h, rotation = kv.randomized_hadamard(d, 5, DEVICE)
     assert set(signs.tolist()) == {-1.0, 1.0} and set(h.float().unique().tolist()) == {-1.0, 1.0}
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(d), rtol=0, atol=1e-6)
     torch.testing.assert_close(rotation, signs[:, None] * h.float() / math.sqrt(d))
-    assert not torch.equal(rotation, kv.randomized_hadamard(d, 6, "cpu")[2])  # the seed picks the signs
+    assert not torch.equal(rotation, kv.randomized_hadamard(d, 6, DEVICE)[2])  # the seed picks the signs
     with pytest.raises(ValueError, match="power-of-two head_dim, not 96"):
-        kv.randomized_hadamard(96, 5, "cpu")
+        kv.randomized_hadamard(96, 5, DEVICE)
 
 
 def test_tq4_distortion_holds_with_an_outlier_channel():
     """The rotation makes the error independent of the model's channels: relative MSE about the Gaussian
     Lloyd-Max figure (0.0095) for plain vectors and for vectors with a 30x outlier channel, where coding the
     unrotated coordinates with the same codebook costs far more."""
-    cache = kv.make_kv_cache("tq4", 1, 1, 1, 8, 64, "cpu", torch.float32)
+    cache = kv.make_kv_cache("tq4", 1, 1, 1, 8, 64, DEVICE, torch.float32)
     gen = torch.Generator().manual_seed(1)
     plain = torch.randn(4096, 64, generator=gen)
     outlier = plain.clone()
@@ -238,8 +265,8 @@ def test_tq4_distortion_holds_with_an_outlier_channel():
 @pytest.mark.parametrize("name", TRITON_BACKENDS)
 def test_triton_append_accepts_broadcast_positions(name):
     """The decoder passes one device step counter expanded over the batch (stride 0)."""
-    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 16, 64, "cpu", torch.float32, CFG)
-    fast = kv.make_kv_cache(name, 3, 2, 4, 16, 64, "cpu", torch.float32, CFG)
+    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
+    fast = kv.make_kv_cache(name, 3, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
     step = torch.zeros(1, dtype=torch.int64)
     for _ in range(5):
         k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
@@ -260,7 +287,7 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     torch.manual_seed(4)
     hkv, b, cap = 2, 3, 24
     ref = filled(kv.TORCH_REFERENCE[name], [5, 9, 3], hkv, g, d, cap)
-    fast = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, "cpu", torch.float32, CFG)
+    fast = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, DEVICE, torch.float32, CFG)
     fast.write_group = write_group  # KV heads per program
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
@@ -298,7 +325,7 @@ def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     spec.loader.exec_module(sens)
     names = sens.variants(2, ["keys"])
     assert names == ["tq4_kv", "tq4_keys", "tq4_values", "tq4_keys_layer0", "tq4_keys_layer1"]
-    make = lambda name, layer: kv.make_kv_cache(name, 2, 2, 4, 32, 64, "cpu", torch.float32, kv.KVConfig(), layer)  # noqa: E731
+    make = lambda name, layer: kv.make_kv_cache(name, 2, 2, 4, 32, 64, DEVICE, torch.float32, kv.KVConfig(), layer)  # noqa: E731
     ref, coded, elsewhere, exact = make("tq4", 1), make("tq4_kv", 1), make("tq4_keys_layer0", 1), make("bf16", 1)
     for t in range(40):  # past the ring's 32 entries
         k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
@@ -309,3 +336,20 @@ def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     assert (coded.attend(q) - exact.attend(q)).abs().max() > 1e-2
     torch.testing.assert_close(elsewhere.attend(q), exact.attend(q), rtol=0, atol=1e-6)
     assert coded.bytes_per_token() == ref.bytes_per_token() and elsewhere.bytes_per_token() == 2 * 2 * 64 * 2  # bf16
+
+
+def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
+    """benchmarks/attend_sass.py builds the attention kernel for sm_90 without a GPU: the loop of a 64-entry block
+    holds the tile's 64 m16n8k16 dots (scores 16x64x64, values two 16x32x64), 32 per thread over 2 warps. Decoding
+    int8 a word at a time keeps its loop within 1.25x of the exact cache's (1.09x; code by code it took 1.69x)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attend_sass.py"), "--backends",
+                          "int8_triton,bf16_triton", "--top", "40"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    total = {line.split()[0]: int(line.split(": ")[1].split()[0]) for line in out.stdout.splitlines()}
+    hmma = {line.split()[0]: dict(op.split(":") for op in line.split("iteration")[1].split())["HMMA"]
+            for line in out.stdout.splitlines()}
+    assert hmma == {"int8_triton": "32", "bf16_triton": "32"}
+    assert total["int8_triton"] <= 1.25 * total["bf16_triton"], total

@@ -1,0 +1,149 @@
+"""The attention kernel's machine code for Hopper (sm_90), built on any machine, a GPU or not: per Triton backend
+and launch regime, the instruction mix of the main loop (one BLOCK_N block of entries per iteration), per thread,
+from the SASS that Triton's bundled ptxas and nvdisasm produce. Instructions per entry bound a decoder that the
+memory does not: the tool to weigh a kernel change before spending device time on it.
+
+    python benchmarks/attend_sass.py --backends int8_triton,tq4_triton --regime bandwidth
+    python benchmarks/attend_sass.py --backends int8_triton --rev 21e2068   # against a commit's triton_kv_ops.py
+
+The launch arguments are those the backend's attend passes (recorded from a call on the CPU), specialized as
+Triton's JIT does (pointers 16-byte aligned, integers divisible by 16 marked so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compiled, not interpreted: set before triton is imported
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
+                torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def load_kv_ops(rev: str | None):
+    """triton_kv_ops as in the working tree, or as committed at `rev`."""
+    path = ROOT / "triton_kv_ops.py"
+    if rev:
+        source = subprocess.run(["git", "show", f"{rev}:triton_kv_ops.py"], cwd=ROOT, capture_output=True, text=True)
+        if source.returncode != 0:
+            raise SystemExit(f"--rev {rev}: {source.stderr.strip()}")
+        path = Path(tempfile.mkdtemp()) / "triton_kv_ops.py"
+        path.write_text(source.stdout)
+    spec = importlib.util.spec_from_file_location(f"triton_kv_ops_{rev or 'tree'}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` keeps the call instead of launching."""
+
+    def __init__(self, fn):
+        self.fn, self.call = fn, None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: setattr(self, "call", (args, kwargs))
+
+
+def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
+    """The arguments `name`'s attend passes to the attention kernel in `regime` (1 row: latency; 64: bandwidth)."""
+    cls = {c.name: c for c in kv.TRITON_BACKENDS}[name]
+    batch = 64 if regime == "bandwidth" else 1
+    cache = cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
+    cache.settings = cache.launch[regime]
+    cache.lengths.fill_(capacity)
+    recorder = Recorder(kv._attend_kernel)
+    kv._attend_kernel, real = recorder, kv._attend_kernel
+    try:
+        cache.attend(torch.randn(batch, 4 * g, d, dtype=torch.bfloat16))
+    finally:
+        kv._attend_kernel = real
+    return real, *recorder.call
+
+
+def compile_sm90(fn, args, kwargs):
+    """The kernel built for sm_90 as the JIT would specialize these arguments -> its SASS text."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(fn.arg_names)
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (n, param) in enumerate(zip(names, fn.params)):
+        v = values[n]
+        if param.is_constexpr:
+            signature[n], constexprs[(i,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[n], attrs[(i,)] = "*" + TRITON_TYPES[v.dtype], [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[n] = "fp32"
+        elif v == 1:  # the JIT makes an integer argument equal to 1 a constant
+            signature[n], constexprs[(i,)] = "constexpr", 1
+        else:
+            signature[n] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if kwargs.get(k) is not None}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=options)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_mix(sass: str) -> collections.Counter:
+    """Opcode counts (no modifiers or predicates) of the body of the kernel's longest backward branch: the loop."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        raise SystemExit("no loop found in the kernel's SASS")
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    mix = collections.Counter()
+    for line in lines[start:end + 1]:
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            mix[m.group(1)] += 1
+    return mix
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="int8_triton", help="comma-separated Triton backends")
+    p.add_argument("--regime", choices=("bandwidth", "latency"), default="bandwidth")
+    p.add_argument("--group", type=int, default=2, help="query heads per KV head (the model's: 2)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--capacity", type=int, default=1024)
+    p.add_argument("--rev", help="also build a commit's triton_kv_ops.py, beside the working tree's")
+    p.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
+    a = p.parse_args()
+    versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
+    for name in a.backends.split(","):
+        for label, kv in versions:
+            fn, args, kwargs = attend_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
+            mix = loop_mix(compile_sm90(fn, args, kwargs))
+            launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))
+            top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
+            print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {sum(mix.values())} "
+                  f"instructions per thread per loop iteration  {top}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
