@@ -1,7 +1,8 @@
 """The attention kernel's machine code for Hopper (sm_90), built on any machine, a GPU or not: per Triton backend
-and launch regime, the instruction mix of the main loop (one BLOCK_N block of entries per iteration), per thread,
-from the SASS that Triton's bundled ptxas and nvdisasm produce. Instructions per entry bound a decoder that the
-memory does not: the tool to weigh a kernel change before spending device time on it.
+and launch regime, the instruction mix of the main loop (one BLOCK_N block of entries per iteration) per thread,
+and all threads' instructions per cached entry, from the SASS that Triton's bundled ptxas and nvdisasm produce.
+Instructions per entry bound a decoder that the memory does not: the tool to weigh a kernel change before
+spending device time on it.
 
     python benchmarks/attend_sass.py --backends int8_triton,tq4_triton --regime bandwidth
     python benchmarks/attend_sass.py --backends int8_triton --rev 21e2068   # against a commit's triton_kv_ops.py
@@ -139,9 +140,11 @@ def main() -> None:
             fn, args, kwargs = attend_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
             mix = loop_mix(compile_sm90(fn, args, kwargs))
             launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))
+            total = sum(mix.values())
+            per_entry = total * 32 * kwargs["num_warps"] / kwargs["BLOCK_N"]  # comparable across launch settings
             top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
-            print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {sum(mix.values())} "
-                  f"instructions per thread per loop iteration  {top}", flush=True)
+            print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {total} instructions per "
+                  f"thread per loop iteration ({per_entry:.0f} per cached entry)  {top}", flush=True)
 
 
 if __name__ == "__main__":

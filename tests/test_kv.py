@@ -349,7 +349,7 @@ def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
                           "int8_triton,bf16_triton", "--top", "40"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     total = {line.split()[0]: int(line.split(": ")[1].split()[0]) for line in out.stdout.splitlines()}
-    hmma = {line.split()[0]: dict(op.split(":") for op in line.split("iteration")[1].split())["HMMA"]
+    hmma = {line.split()[0]: dict(op.split(":") for op in line.split("entry)")[1].split())["HMMA"]
             for line in out.stdout.splitlines()}
     assert hmma == {"int8_triton": "32", "bf16_triton": "32"}
     assert total["int8_triton"] <= 1.25 * total["bf16_triton"], total
