@@ -26,7 +26,8 @@ codec_env() {  # the record's codec: int6 per-row QAT and export, the best measu
 record_env() {  # the submission's configuration: 9 layers (12 layers lost 0.030 on the stand-in at 240 s)
   codec_env
   export NUM_LAYERS=${NUM_LAYERS:-9} KV_QUANT_BACKEND=${KV_QUANT_BACKEND:-auto} \
-    KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$compare_kv} KV_EVAL_BATCH=${KV_EVAL_BATCH:-1024} EVAL_STRIDE=${EVAL_STRIDE:-64} DATA_PATH=$FINEWEB
+    KV_EVAL_COMPARE_BACKENDS=${KV_EVAL_COMPARE_BACKENDS-$compare_kv} KV_EVAL_BATCH=${KV_EVAL_BATCH:-1024} \
+    EVAL_STRIDE=${EVAL_STRIDE:-64} DATA_PATH=$FINEWEB
 }
 
 case $mode in

@@ -656,26 +656,25 @@ if triton is not None:
     INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
     @triton.jit
-    def _int8_quads(ptr, entry, nmask, D: tl.constexpr):
-        """A block of int8 code rows (N, D), read as int32 words -> fp16 codes c0, c1, c2, c3 (N, D // 4), c_i holding
-        channels 4j + i. On the GPU one xor and two byte permutes per word set the fp16 bit patterns of
-        1024 + (c + 128), two to a register, less 1152. Decoding code by code (sign extension, add, repack) and the
-        layout moves it forced took the attention loop to 1,088 instructions per thread per 64 entries, against
-        624 (benchmarks/attend_sass.py), and bound the int8 cache at full cache and batch 1024."""
+    def _int8_halves(ptr, entry, nmask, D: tl.constexpr):
+        """A block of int8 code rows, read as int32 words, decoded in registers as its even and its odd channels, two
+        (BLOCK_N, D // 2) fp16 tiles (as _tq4_halves). On the GPU one xor and two byte permutes per word set the
+        fp16 bit patterns of 1024 + (c + 128), two to a register, less 1152. Decoding code by code (sign extension,
+        add, repack) and the layout moves it forced took the attention loop to 1,088 instructions per thread per 64
+        entries, against 624 (benchmarks/attend_sass.py), and bound the int8 cache at full cache and batch 1024."""
         tl.static_assert(D % 4 == 0, "int8 rows are read as int32 words: head_dim must be a multiple of 4")
+        N: tl.constexpr = entry.shape[0]
         words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + entry[:, None] * (D // 4) + tl.arange(0, D // 4)[None, :],
                         mask=nmask[:, None], other=0)
         if INTERPRETED:
-            c = (((words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 0xFF) ^ 0x80).to(tl.float16) - 128.0
-            even, odd = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], 2, 2)))  # bytes 0 and 2, 1 and 3
-            c0, c2 = tl.split(even)
-            c1, c3 = tl.split(odd)
-            return c0, c1, c2, c3
+            byte = ((words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 0xFF) ^ 0x80
+            even, odd = tl.split(tl.reshape(byte.to(tl.float16) - 128.0, (N, D // 4, 2, 2)))  # bytes 0, 2 and 1, 3
+            return tl.reshape(even, (N, D // 2)), tl.reshape(odd, (N, D // 2))
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
             "{ .reg .b32 u, lo, hi; xor.b32 u, $4, 0x80808080; prmt.b32 lo, u, 0x64646464, 0x4140; "
             "prmt.b32 hi, u, 0x64646464, 0x4342; mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",
             "=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
-        return c0 - 1152.0, c1 - 1152.0, c2 - 1152.0, c3 - 1152.0
+        return tl.reshape(tl.join(c0, c2), (N, D // 2)) - 1152.0, tl.reshape(tl.join(c1, c3), (N, D // 2)) - 1152.0
 
     @triton.jit
     def _even_odd_halves(x):
@@ -703,8 +702,8 @@ if triton is not None:
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             score = tl.dot(q, tl.trans(k))
         elif KEY == "int8":
-            c0, c1, c2, c3 = _int8_quads(kq_ptr, entry, nmask, D)
-            k = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (entry.shape[0], D))  # channel 4j + i: c_i
+            even, odd = _int8_halves(kq_ptr, entry, nmask, D)
+            k = tl.reshape(tl.join(even, odd), (entry.shape[0], D))
             score = tl.dot(q, tl.trans(_scale_groups(k, ks_ptr, entry, nmask, GROUP)))
         else:
             tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
@@ -747,8 +746,7 @@ if triton is not None:
             even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
             odd = _fp16_bits((byte >> 4) | FP16_1024) - 1032.0
         elif VALUE == "int8":
-            c0, c1, c2, c3 = _int8_quads(vq_ptr, entry, nmask, D)
-            even, odd = tl.reshape(tl.join(c0, c2), (N, D // 2)), tl.reshape(tl.join(c1, c3), (N, D // 2))
+            even, odd = _int8_halves(vq_ptr, entry, nmask, D)
         else:
             tl.static_assert(VALUE == "exact", "unknown value codec: exact, int8, int4 or tq4")
             v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)

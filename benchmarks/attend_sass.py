@@ -51,8 +51,7 @@ def load_kv_ops(rev: str | None):
 class Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` keeps the call instead of launching."""
 
-    def __init__(self, fn):
-        self.fn, self.call = fn, None
+    call = None
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: setattr(self, "call", (args, kwargs))
@@ -65,7 +64,7 @@ def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
     cache = cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
     cache.settings = cache.launch[regime]
     cache.lengths.fill_(capacity)
-    recorder = Recorder(kv._attend_kernel)
+    recorder = Recorder()
     kv._attend_kernel, real = recorder, kv._attend_kernel
     try:
         cache.attend(torch.randn(batch, 4 * g, d, dtype=torch.bfloat16))

@@ -131,8 +131,8 @@ def test_int8_decoder_is_exact_for_every_code():
     @triton.jit
     def decode(codes_ptr, out_ptr, D: tl.constexpr):
         rows = tl.arange(0, 16)
-        c0, c1, c2, c3 = kv._int8_quads(codes_ptr, rows, rows < 16, D)
-        channels = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (16, D))
+        even, odd = kv._int8_halves(codes_ptr, rows, rows < 16, D)
+        channels = tl.reshape(tl.join(even, odd), (16, D))
         tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], channels)
 
     word, byte = torch.arange(256)[:, None], torch.arange(4)[None, :]
