@@ -58,12 +58,12 @@ def main() -> None:
 
     attn = model.blocks[0].attn
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = args.kv_config(attn.head_dim)
+    cfg = args.ar_eval_settings().cache
     capacity = max(a.steps, len(sp.encode(a.prompt)) + a.generate + 1)
     caches = [tg.kv.make_kv_cache(a.backend, 1, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim, device,
                                   dtype, cfg, layer=i) for i in range(len(model.blocks))]
 
-    decoder = model.for_decode(dtype)
+    decoder = tg.kv.DecodeModel(model, dtype)
 
     def step(token: int, pos: int) -> torch.Tensor:
         with torch.no_grad():

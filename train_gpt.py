@@ -3,7 +3,9 @@ rescored from the artifact on every rank, then decoded autoregressively through 
 quantized KV cache (triton_kv_ops.py) on rank 0.
 
 Sections, in reading order: hyperparameters, distributed + logging, data, quantization
-(int8 and polar codecs, artifact), model, Muon, evaluation, main().
+(int8, int-k and polar codecs, artifact), model, Muon, teacher-forced evaluation, main(). The
+autoregressive eval (token plans, the decoder, the final AR evals) lives beside the caches it
+drives, in triton_kv_ops.py.
 """
 
 from __future__ import annotations
@@ -216,11 +218,15 @@ class Hyperparameters:
     def val_files(self) -> str:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
 
-    def kv_config(self, head_dim: int) -> "kv.KVConfig":
-        """The KV-cache quantizer settings; a group never spans more than one head."""
-        return kv.KVConfig(group_size=min(self.kv_group_size, head_dim), qjl_dim=self.kv_qjl_dim,
-                           value_bits=self.kv_value_bits, recent_exact_tokens=self.kv_recent_exact_tokens,
-                           seed=self.kv_seed)
+    def ar_eval_settings(self) -> "kv.AREvalSettings":
+        """The AR evals' settings (after check_runs_on, which resolves KV_QUANT_BACKEND=auto); a KV quantizer
+        group never spans more than one head."""
+        cache = kv.KVConfig(group_size=min(self.kv_group_size, self.model_dim // self.num_heads),
+                            qjl_dim=self.kv_qjl_dim, value_bits=self.kv_value_bits,
+                            recent_exact_tokens=self.kv_recent_exact_tokens, seed=self.kv_seed)
+        return kv.AREvalSettings(self.kv_quant_backend, tuple(self.compare_backends), self.kv_eval_batch,
+                                 self.kv_eval_context_len or self.train_seq_len, self.train_seq_len,
+                                 self.kv_eval_cuda_graph, cache)
 
     def codec_settings(self, scheme: str) -> "CodecSettings":
         """The weight codec's settings for `scheme` (QAT_SCHEME or WEIGHT_QUANT_SCHEME)."""
@@ -328,19 +334,6 @@ class RunLog:
         if torch.cuda.is_available():
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout
             self(smi, console=False)
-
-
-def code_bytes() -> int:
-    return sum(len(p.read_bytes()) for p in CODE_FILES)
-
-
-def cuda_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_mem_mib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -463,7 +456,7 @@ class ByteLUTs:
 
 
 # -----------------------------------------------------------------------------
-# Quantization: int8 and polar row codecs (encode / decode / fake_quant) and the artifact
+# Quantization: int8, int-k and polar row codecs (encode / decode / fake_quant) and the artifact
 # -----------------------------------------------------------------------------
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
@@ -472,26 +465,6 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 
 def is_quantized_tensor(name: str, t: Tensor) -> bool:
     return t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL
-
-
-class Int8RowCodec:
-    """The baseline's scheme: one fp16 absmax scale per row, symmetric int8 codes."""
-
-    name = "int8"
-
-    def encode(self, w: Tensor) -> dict:
-        w = w.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1.0 / 127.0).half()
-        q = torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127).to(torch.int8)
-        return {"q": q.contiguous(), "scale": scale.contiguous()}
-
-    def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
-        return enc["q"].float() * enc["scale"].float()[:, None]
-
-    @torch.no_grad()
-    def fake_quant_(self, w: Tensor, out: Tensor) -> None:
-        enc = self.encode(w)
-        out.copy_(self.decode(enc, w.shape).to(out.device) - w)
 
 
 def padded_width(cols: int) -> int:
@@ -521,10 +494,8 @@ class IntRowCodec:
     squeezes toward their entropy (measured on trained-like rows: int6 as bytes 4.4 bits/weight with
     lzma, bit-packed 5.1)."""
 
-    name = "int"
-
-    def __init__(self, bits: int, rotate: bool, seed: int):
-        self.bits, self.rotate, self.seed = bits, rotate, seed
+    def __init__(self, bits: int, rotate: bool, seed: int, min_scale: float = 2.0 ** -24):  # the least fp16 above 0
+        self.bits, self.rotate, self.seed, self.min_scale = bits, rotate, seed, min_scale
         self.qmax = 2 ** (bits - 1) - 1
 
     def _signs(self, cols: int, device: torch.device) -> Tensor:
@@ -533,7 +504,7 @@ class IntRowCodec:
     def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """-> (codes int8 in [-qmax, qmax] (rows, width), scale fp16 (rows,)); width is padded_width if rotated."""
         x = hadamard_rotate(w, self._signs(w.shape[1], w.device)) if self.rotate else w.float()
-        scale = (x.abs().amax(dim=1) / self.qmax).clamp_min(2.0 ** -24).half()  # the least fp16 above 0
+        scale = (x.abs().amax(dim=1) / self.qmax).clamp_min(self.min_scale).half()
         return torch.clamp(torch.round(x / scale.float()[:, None]), -self.qmax, self.qmax).to(torch.int8), scale
 
     def dequantize(self, q: Tensor, scale: Tensor, cols: int) -> Tensor:
@@ -558,6 +529,13 @@ class IntRowCodec:
     def fake_quant_(self, w: Tensor, out: Tensor) -> None:
         q, scale = self.quantize(w)
         out.copy_(self.dequantize(q, scale, w.shape[1]) - w)
+
+
+class Int8RowCodec(IntRowCodec):
+    """The baseline's scheme: symmetric int8 codes, one fp16 absmax scale per row and none below 1/127."""
+
+    def __init__(self):
+        super().__init__(8, rotate=False, seed=0, min_scale=1.0 / 127.0)
 
 
 @lru_cache(maxsize=None)
@@ -597,8 +575,6 @@ class PolarRowCodec:
     radius per row and d-1 angles. Angles of level l take bits[l] bits (the last entry repeats)
     from that level's Lloyd-Max codebook; codes are bit-packed."""
 
-    name = "polar"
-
     def __init__(self, bits: tuple[int, ...], seed: int, codebook=angle_codebook, rotate: bool = True):
         self.bits, self.seed, self.codebook, self.rotate = tuple(bits), seed, codebook, rotate
 
@@ -610,7 +586,7 @@ class PolarRowCodec:
         return polar_tables(tuple(self.level_bits(d.bit_length() - 1)), self.seed, d, device, self.codebook, self.rotate)
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
-        d = 1 << max(cols - 1, 1).bit_length()
+        d = padded_width(cols)
         levels = d.bit_length() - 1
         angle_bits = sum(b * (d >> (i + 1)) for i, b in enumerate(self.level_bits(levels)))
         return rows * (angle_bits + 16) / (rows * cols)
@@ -625,12 +601,12 @@ class PolarRowCodec:
         """-> (codes of each level (rows, d >> (level + 1)) uint8, radius (rows,) fp16)."""
         if not self.fused(w):
             return self.reference_codes(w)
-        d = 1 << max(w.shape[1] - 1, 1).bit_length()
+        d = padded_width(w.shape[1])
         codes, radius = polar_fake_quant_triton(self, w, torch.empty(w.shape, device=w.device))
         return list(codes.split([d >> (lvl + 1) for lvl in range(d.bit_length() - 1)], dim=1)), radius
 
     def reference_codes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
-        d = 1 << max(w.shape[1] - 1, 1).bit_length()
+        d = padded_width(w.shape[1])
         signs, cos, sin, _ = self.tables(d, w.device)
         r, codes = hadamard_rotate(w, signs), []
         for lvl in range(cos.shape[0]):
@@ -655,7 +631,7 @@ class PolarRowCodec:
 
     def decode(self, enc: dict, shape: tuple[int, ...]) -> Tensor:
         rows, cols = shape
-        d = 1 << max(cols - 1, 1).bit_length()
+        d = padded_width(cols)
         bits = self.level_bits(d.bit_length() - 1)
         codes = [unpack_bits(p, b, rows * (d >> (i + 1))).reshape(rows, -1)
                  for i, (p, b) in enumerate(zip(enc["packed"], bits, strict=True))]
@@ -759,7 +735,7 @@ def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tup
     """out <- decode(encode(w)) - w in one launch; -> (every level's codes (rows, d - 1) uint8, radius (rows,) fp16)."""
     rows, cols = w.shape
     assert out.shape == w.shape and out.is_contiguous()
-    d = 1 << max(cols - 1, 1).bit_length()
+    d = padded_width(cols)
     levels = d.bit_length() - 1
     a = 1 << (levels // 2)
     b = d // a
@@ -976,12 +952,6 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
 
-    def decode_step(self, x: Tensor, positions: Tensor, cache: "kv.KVCache") -> Tensor:
-        """One token per row; needs `qkv_weight`, the fused Q, K, V matrix that GPT.for_decode builds."""
-        q = cache.prologue(kv.decode_linear(x, self.qkv_weight), positions, self.inv_freq, self.q_gain)
-        return kv.decode_linear(cache.attend(q).reshape(x.shape[0], -1), self.proj.weight)
-
-
 class MLP(nn.Module):
     def __init__(self, dim: int, mlp_mult: int):
         super().__init__()
@@ -991,10 +961,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(kv.relu_square_reference(self.fc(x)))
-
-    def decode_step(self, x: Tensor) -> Tensor:
-        return kv.decode_linear(kv.decode_linear(x, self.fc.weight, relu_square_out=True), self.proj.weight)
-
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_mult: int, rope_base: float, qk_gain_init: float):
@@ -1061,55 +1027,6 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
-
-    @torch.no_grad()
-    def for_decode(self, dtype: torch.dtype) -> "GPT":
-        """A copy for the autoregressive eval: QAT deltas folded in, every parameter in the compute dtype
-        (no step casts a matrix; the RoPE frequencies stay fp32), and each attention's Q, K and V
-        weights fused into one matrix, so a token costs one GEMM for them."""
-        model = copy.deepcopy(self).eval()
-        for m in model.modules():
-            if isinstance(m, CastedLinear) and m.qat_delta is not None:
-                m.weight += m.qat_delta
-                m.qat_delta = None
-        if model.emb_qat_delta is not None:
-            model.tok_emb.weight += model.emb_qat_delta
-            model.emb_qat_delta = None
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
-        for block in model.blocks:
-            a = block.attn
-            a.qkv_weight = torch.cat((a.c_q.weight, a.c_k.weight, a.c_v.weight))
-        return model
-
-    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """One token per row at its absolute position, through one KV cache per layer -> the final normed
-        hidden state (B, dim). The forward pass of forward_logits, with the residual stream between
-        sub-layers fused (residual_norm: one kernel per sub-layer on CUDA). Needs a for_decode copy."""
-        x = F.rms_norm(F.embedding(tokens, self.tok_emb.weight), (self.tok_emb.embedding_dim,))
-        x0, skips, delta, delta_scale = x, [], None, None
-        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
-            j = i - self.num_encoder_layers
-            # The first decoder layer's skip is the output of the block just before it, which this
-            # residual_norm itself completes (s below): skip_self.
-            skip_self = j == 0 and i > 0
-            skip = skips.pop() if j > 0 and skips else None
-            skip_weight = self.skip_weights[j] if skip_self or skip is not None else None
-            s, x, h = kv.residual_norm(x, delta, delta_scale, skip, skip_weight, skip_self, x0, block.resid_mix)
-            if 0 < i < self.num_encoder_layers:
-                skips.append(s)
-            _, x, h = kv.residual_norm(x, block.attn.decode_step(h, positions, cache), block.attn_scale)
-            delta, delta_scale = block.mlp.decode_step(h), block.mlp_scale
-        return kv.residual_norm(x, delta, delta_scale)[2]
-
-    def decode_logit_proj(self, h: Tensor) -> Tensor:
-        return kv.decode_linear(h, self.logit_weight())
-
-    def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """-> softcapped logits (B, V)."""
-        proj = self.decode_logit_proj(self.decode_hidden(tokens, positions, caches))
-        return kv.softcap_logits(proj, self.logit_softcap)
-
 
 def build_model(config: dict, device: torch.device) -> GPT:
     """On CUDA, the baseline's storage: bf16 embedding (so the residual stream is bf16), fp32 matrices
@@ -1226,17 +1143,13 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: teacher-forced over all windows, and autoregressive through a KV cache
+# Evaluation: teacher-forced over all windows, the stride reference, the codec comparison (the AR eval that
+# follows them lives in triton_kv_ops.py, beside the caches it drives)
 # -----------------------------------------------------------------------------
 
 
 def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def bpb(loss_sum: float, tokens: float, nbytes: float) -> tuple[float, float]:
-    loss = loss_sum / tokens
-    return loss, loss / math.log(2.0) * tokens / nbytes
 
 
 @torch.no_grad()
@@ -1260,7 +1173,7 @@ def eval_teacher_forced(args: Hyperparameters, model: nn.Module, d: Dist, val_to
     if d.enabled:
         dist.all_reduce(sums)
     model.train(was_training)
-    return bpb(*sums.tolist())
+    return kv.bpb(*sums.tolist())
 
 
 @torch.no_grad()
@@ -1287,174 +1200,7 @@ def eval_sliding_window(args: Hyperparameters, model: GPT, d: Dist, tokens: Tens
                              luts.count(x, y)[scored].sum().double()))
     if d.enabled:
         dist.all_reduce(sums)
-    return bpb(*sums.tolist())
-
-
-@dataclass
-class DecodePlan:
-    """The token rows an AR eval decodes: row b feeds rows[b, p] at position p and scores its next token
-    rows[b, p + 1] where window[b, 0] <= p < window[b, 1], through caches of `capacity` entries."""
-    rows: Tensor
-    window: Tensor
-    capacity: int
-    mode: str
-
-    @property
-    def scored_tokens(self) -> int:
-        return int((self.window[:, 1] - self.window[:, 0]).sum())
-
-    @property
-    def decoded_tokens(self) -> int:
-        return int(self.window[:, 1].sum())
-
-    def scored_bytes(self, luts: ByteLUTs) -> float:
-        rows = self.rows.to(luts.base_bytes.device)
-        p = torch.arange(rows.shape[1] - 1, device=rows.device)[None, :]
-        window = self.window.to(rows.device)
-        scored = (p >= window[:, :1]) & (p < window[:, 1:])
-        return float(luts.count(rows[:, :-1], rows[:, 1:])[scored].sum())
-
-
-def window_plan(tokens: Tensor, seq: int) -> DecodePlan:
-    """The teacher-forced windows, one per row: the exact backend must reproduce the teacher-forced score."""
-    n = (tokens.numel() - 1) // seq
-    if n == 0:
-        raise ValueError(f"{tokens.numel() - 1} tokens are fewer than one window ({seq} tokens)")
-    return DecodePlan(tokens[:n * seq + 1].unfold(0, seq + 1, seq), torch.tensor([[0, seq]]).repeat(n, 1), seq,
-                      "windows")
-
-
-def ring_plan(tokens: Tensor, batch: int, context: int) -> DecodePlan:
-    """Every target scored once, with `context` - 1 tokens before its input (but in the split's first
-    window): the targets are cut into `batch` contiguous spans, and each row starts `context` - 1 tokens
-    before its span and feeds those without scoring them, through a ring cache of `context` entries."""
-    n = tokens.numel() - 1
-    rows_n = min(batch, n)
-    bounds = [n * i // rows_n for i in range(rows_n + 1)]
-    starts = [max(0, s - (context - 1)) for s in bounds[:-1]]
-    rows = torch.zeros((rows_n, max(e - a for a, e in zip(starts, bounds[1:], strict=True)) + 1), dtype=tokens.dtype)
-    window = torch.empty((rows_n, 2), dtype=torch.int64)
-    for i, (a, s, e) in enumerate(zip(starts, bounds[:-1], bounds[1:], strict=True)):
-        rows[i, :e - a + 1] = tokens[a:e + 1]
-        window[i, 0], window[i, 1] = s - a, e - a
-    return DecodePlan(rows, window, context, "ring")
-
-
-class Decoder:
-    """Decodes a (B, L+1) token matrix one column per step through one KV cache per layer, with the
-    model's for_decode copy. Every row's position lives on the device (rows past the valid ones sit at
-    a negative position: inactive, never written to a cache), so on CUDA the step is captured once in
-    a CUDA graph and replayed L times; no host sync until the end."""
-
-    INACTIVE = -(1 << 62)
-
-    def __init__(self, model: GPT, backend: str, batch: int, row_len: int, capacity: int, args: Hyperparameters,
-                 device: torch.device, dtype: torch.dtype, use_graph: bool):
-        attn = model.blocks[0].attn
-        self.caches = [kv.make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
-                                        device, dtype, args.kv_config(attn.head_dim), layer=i)
-                       for i in range(len(model.blocks))]
-        self.model, self.device, self.batch = model.for_decode(dtype), device, batch
-        self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
-        self.window = torch.zeros((batch, 2), dtype=torch.int64, device=device)
-        self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.graph = None
-        if use_graph and device.type == "cuda":
-            for c in self.caches:
-                c.prewarm()
-            self._capture()
-
-    @torch.no_grad()
-    def _step(self) -> None:
-        t = self.positions[:1]  # row 0 is always live
-        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
-        kv.score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.window, self.row_loss,
-                            self.model.logit_softcap)
-
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._reset(self.batch)
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-
-    def _reset(self, valid: int) -> None:
-        for c in self.caches:
-            c.reset()
-        live = torch.arange(self.batch, device=self.device) < valid
-        self.positions.copy_(torch.where(live, 0, self.INACTIVE))
-        self.window[valid:] = 0
-        self.row_loss.zero_()
-
-    def decode(self, rows: Tensor, window: Tensor, on_step=None) -> float:
-        """Decodes the first rows.shape[0] rows; -> the summed NLL (nats) of their scored targets.
-        on_step(columns done, this batch's loss so far) is called after every step (a host-side callback)."""
-        valid = rows.shape[0]
-        self.rows[:valid, :rows.shape[1]].copy_(rows)
-        self.window[:valid].copy_(window)
-        self._reset(valid)
-        for col in range(int(window[:, 1].max())):
-            self.graph.replay() if self.graph is not None else self._step()
-            if on_step is not None:
-                on_step(col + 1, self.row_loss)
-        return float(self.row_loss.sum().item())
-
-    def bytes_per_token(self) -> int:
-        return sum(c.bytes_per_token() for c in self.caches)
-
-
-PROGRESS_SECONDS = 30.0
-
-
-def autoregressive_eval(args: Hyperparameters, model: GPT, plan: DecodePlan, luts: ByteLUTs, backend: str,
-                        device: torch.device, log, batch: int | None = None) -> dict:
-    """Decodes the plan's rows `batch` at a time through `backend`'s caches; a progress line at least
-    every PROGRESS_SECONDS (a host sync then only)."""
-    n_rows = plan.rows.shape[0]
-    batch = min(batch or args.kv_eval_batch, n_rows)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    decoder = Decoder(model, backend, batch, plan.rows.shape[1], plan.capacity, args, device, dtype,
-                      args.kv_eval_cuda_graph and device.type == "cuda")
-    tokens, decoded = plan.scored_tokens, plan.decoded_tokens
-    state = {"loss": 0.0, "scored": 0, "decoded": 0, "last": time.perf_counter()}
-    cuda_sync(device)
-    t0 = time.perf_counter()
-    for s in range(0, n_rows, batch):
-        window = plan.window[s:s + batch]
-
-        def on_step(columns: int, row_loss: Tensor) -> None:
-            now = time.perf_counter()
-            if now - state["last"] < PROGRESS_SECONDS:
-                return
-            state["last"] = now
-            scored = state["scored"] + int((window[:, 1].clamp(max=columns) - window[:, 0]).clamp_min(0).sum())
-            done = state["decoded"] + int(window[:, 1].clamp(max=columns).sum())
-            running = (state["loss"] + float(row_loss.sum())) / max(scored, 1)
-            log(f"ar_eval_progress backend:{backend} mode:{plan.mode} scored:{scored}/{tokens} "
-                f"decoded:{done}/{decoded} running_val_loss:{running:.4f} tok_s:{done / (now - t0):.0f} "
-                f"elapsed:{now - t0:.0f}s")
-
-        state["loss"] += decoder.decode(plan.rows[s:s + batch].to(device), window.to(device), on_step)
-        state["scored"] += int((window[:, 1] - window[:, 0]).sum())
-        state["decoded"] += int(window[:, 1].sum())
-    cuda_sync(device)
-    seconds = time.perf_counter() - t0
-    loss, score = bpb(state["loss"], tokens, plan.scored_bytes(luts))
-    return {"backend": backend, "mode": plan.mode, "context": plan.capacity, "val_loss": loss, "val_bpb": score,
-            "tokens": tokens, "decoded_tokens": decoded, "batch": batch, "tok_s": decoded / seconds,
-            "scored_tok_s": tokens / seconds, "seconds": seconds, "bytes_per_token": decoder.bytes_per_token(),
-            "peak_mem_mib": peak_mem_mib(device)}
-
-
-CHALLENGE_VAL_TOKENS = 62_021_632  # the FineWeb validation split the challenge scores
+    return kv.bpb(*sums.tolist())
 
 
 def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT, scored_model: nn.Module, d: Dist,
@@ -1489,55 +1235,6 @@ def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT
 def token_prefix(tokens: Tensor, max_tokens: int) -> Tensor:
     """The first max_tokens targets (0: all) and the token before each."""
     return tokens if max_tokens <= 0 else tokens[:max_tokens + 1]
-
-
-def final_ar_evals(args: Hyperparameters, model: GPT, scored_tokens: Tensor, compare_tokens: Tensor,
-                   references: dict, luts: ByteLUTs, device: torch.device, log, phases: dict) -> dict:
-    """Rank 0. The scored eval: KV_QUANT_BACKEND in ring mode over the scored tokens. Then on the comparison
-    slice: the exact backend in ring mode (the reference every delta is taken against), the exact backend in
-    windows mode (the check that it reproduces the teacher-forced score), and every comparison backend."""
-    context = args.kv_eval_context_len or args.train_seq_len
-    exact, results = kv.exact_backend(device), {}
-
-    def run(label: str, backend: str, plan: DecodePlan) -> dict:
-        r = autoregressive_eval(args, model, plan, luts, backend, device, log)
-        if not math.isfinite(r["val_loss"]):
-            raise FloatingPointError(f"the AR eval ({label}) through KV backend {backend} scores val_loss {r['val_loss']}")
-        results[label] = r
-        return r
-
-    def figures(r: dict) -> str:
-        return (f"backend:{r['backend']} mode:{r['mode']} context:{r['context']} val_loss:{r['val_loss']:.8f} "
-                f"val_bpb:{r['val_bpb']:.8f} tokens:{r['tokens']} decoded:{r['decoded_tokens']} batch:{r['batch']} "
-                f"tok_s:{r['tok_s']:.0f} seconds:{r['seconds']:.2f} kv_bytes_per_token:{r['bytes_per_token']}")
-
-    t0 = time.perf_counter()
-    scored = run("scored", args.kv_quant_backend, ring_plan(scored_tokens, args.kv_eval_batch, context))
-    log(f"final_ar_scored {figures(scored)}")
-    phases["scored_ar_eval"] = time.perf_counter() - t0
-    rows = min(args.kv_eval_batch, CHALLENGE_VAL_TOKENS)
-    decoded = CHALLENGE_VAL_TOKENS + (rows - 1) * (context - 1)
-    log(f"eval_budget scored_backend:{scored['backend']} measured_tok_s:{scored['tok_s']:.0f} "
-        f"challenge_split_tokens:{CHALLENGE_VAL_TOKENS} batch:{rows} decoded_tokens:{decoded} "
-        f"estimated_rank0_seconds:{decoded / scored['tok_s']:.1f}")
-
-    t1 = time.perf_counter()
-    ring = ring_plan(compare_tokens, args.kv_eval_batch, context)
-    reference = run("exact_ring", exact, ring)
-    line = f"final_ar_exact_reference {figures(reference)}"
-    if "sliding" in references:
-        line += f" delta_vs_sliding_window:{reference['val_bpb'] - references['sliding'][1]:+.8f}"
-    log(line)
-    check = run("exact_windows", exact, window_plan(compare_tokens, args.train_seq_len))
-    log(f"final_ar_windows_check {figures(check)} teacher_forced_val_bpb:{references['windows'][1]:.8f} "
-        f"delta_vs_teacher_forced:{check['val_bpb'] - references['windows'][1]:+.8f}")
-    for backend in dict.fromkeys([args.kv_quant_backend, *args.compare_backends]):
-        same = backend == args.kv_quant_backend and compare_tokens.numel() == scored_tokens.numel()
-        r = scored if same else run(f"compare_{backend}", backend, ring)
-        r["delta_vs_exact"] = r["val_bpb"] - reference["val_bpb"]
-        log(f"final_ar_comparison {figures(r)} delta_vs_exact:{r['delta_vs_exact']:+.8f}")
-    phases["reference_ar_evals"] = time.perf_counter() - t1
-    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1663,7 +1360,7 @@ def main() -> None:
         qat.active = False
         qat.reset()
         log(f"warmup_steps:{args.warmup_steps} done")
-    cuda_sync(d.device)
+    kv.cuda_sync(d.device)
     phases["compile"] = time.perf_counter() - t_compile
 
     budget_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
@@ -1673,18 +1370,18 @@ def main() -> None:
     val_seqs = max(1, args.val_batch_size // (d.world_size * grad_accum * args.train_seq_len))
     train_ms, step, stop_at = 0.0, 0, None
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=d.device)  # set on the device: no sync per step
-    cuda_sync(d.device)
+    kv.cuda_sync(d.device)
     t0 = time.perf_counter()
     while True:
         last = step == args.iterations or (stop_at is not None and step >= stop_at)
         if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            cuda_sync(d.device)
+            kv.cuda_sync(d.device)
             train_ms += 1000.0 * (time.perf_counter() - t0)
             vl, vb = eval_teacher_forced(args, ddp_model, d, val_tokens, luts, val_seqs)
             log(f"step:{step}/{args.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
             raise_if_diverged(first_bad_step, vl, step)
-            cuda_sync(d.device)
+            kv.cuda_sync(d.device)
             t0 = time.perf_counter()
         if last:
             break
@@ -1715,7 +1412,7 @@ def main() -> None:
         raise RuntimeError(f"ranks stopped at different steps ({fewest} to {most}): their weights differ")
     log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{fewest == most} "
         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
-        f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{peak_mem_mib(d.device):.0f}MiB")
+        f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{kv.peak_mem_mib(d.device):.0f}MiB")
     pre_loss, pre_bpb = vl, vb
 
     # Export, then every rank reloads the artifact from disk and rescores it.
@@ -1741,11 +1438,12 @@ def main() -> None:
             artifact.unlink()
         raise FloatingPointError(f"the reloaded artifact scores val_loss {q_loss}: deleted {artifact}")
     scheme = export_codec.label
-    total_bytes = artifact.stat().st_size + code_bytes()
+    model_bytes, code_size = artifact.stat().st_size, sum(p.stat().st_size for p in CODE_FILES)
+    total_bytes = model_bytes + code_size
     if d.master:
         log(f"Serialized model {scheme}+{args.compressor}: {stats['bytes']} bytes (torch payload before "
             f"compression: {stats['raw_bytes']} bytes)")
-    log(f"Code size: {code_bytes()} bytes ({', '.join(p.name for p in CODE_FILES)})")
+    log(f"Code size: {code_size} bytes ({', '.join(p.name for p in CODE_FILES)})")
     log(f"Total submission size {scheme}+{args.compressor}: {total_bytes} bytes")
     if total_bytes > 16_000_000:
         log(f"WARNING: SUBMISSION OVER LIMIT: {total_bytes} bytes > 16,000,000 by {total_bytes - 16_000_000} bytes")
@@ -1763,11 +1461,11 @@ def main() -> None:
     # other ranks leave the process group first, so no collective waits on rank 0 and every rank exits cleanly.
     summary = {"run_id": args.run_id, "world_size": d.world_size, "steps": step,
                "step_avg_ms": train_ms / max(step, 1), "tokens_per_s": tokens_per_s,
-               "peak_mem_mib": peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
+               "peak_mem_mib": kv.peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
                "pre_roundtrip_val_loss": pre_loss, "roundtrip_val_bpb": q_bpb, "roundtrip_val_loss": q_loss,
-               "model_bytes": artifact.stat().st_size, "code_bytes": code_bytes(), "total_bytes": total_bytes,
+               "model_bytes": model_bytes, "code_bytes": code_size, "total_bytes": total_bytes,
                "scheme": scheme, "codec": export_codec.spec(), "qat": args.qat_scheme, "state_hash": meta["state_hash"],
-               "parameters": parameters, "bits_per_weight": 8 * artifact.stat().st_size / parameters,
+               "parameters": parameters, "bits_per_weight": 8 * model_bytes / parameters,
                "hparams": dataclasses.asdict(args), "codec_compare": codec_rows if args.codec_compare else []}
     scored_tokens = token_prefix(val_tokens, args.kv_eval_max_tokens)
     compare_tokens = token_prefix(scored_tokens, args.kv_eval_compare_tokens)
@@ -1786,8 +1484,8 @@ def main() -> None:
         dist.barrier()
         dist.destroy_process_group()
     if d.master:
-        summary["ar_eval"] = final_ar_evals(args, model, scored_tokens, compare_tokens, references, luts, d.device, log,
-                                            phases)
+        summary["ar_eval"] = kv.final_ar_evals(args.ar_eval_settings(), model, scored_tokens, compare_tokens, references,
+                                               luts, d.device, log, phases)
         phases["total"] = time.perf_counter() - PROCESS_START
         log("phase_times " + " ".join(f"{k}:{v:.2f}s" for k, v in phases.items()))
         summary["phases"] = phases

@@ -17,7 +17,9 @@ step can be captured in a CUDA graph:
     bytes_per_token()            logical packed bytes of one token's K and V (all KV heads, one layer)
     tensor_bytes()               bytes the buffers hold
 The module also holds the rest of the decode step's kernels (residual + RMSNorm, small-batch linear,
-next-token scoring), each beside its torch reference.
+next-token scoring), each beside its torch reference, and last the autoregressive eval that drives them:
+token plans (windows, ring), the decoder (one cache per layer, a CUDA graph per step) and the final AR
+evals the trainer logs.
 
 Keys are cached after RoPE at their absolute position, so a ring buffer that evicts old entries
 keeps relative positions true. The Triton attention follows flash decoding in one launch: the
@@ -41,8 +43,10 @@ The registry, the env validation, the tests and the benchmarks' lists derive fro
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -1310,3 +1314,306 @@ def score_next_token_triton(proj: Tensor, rows: Tensor, positions: Tensor, windo
 
 def score_next_token(proj: Tensor, *args) -> None:
     (score_next_token_triton if use_decode_kernels(proj.device) else score_next_token_reference)(proj, *args)
+
+
+# -----------------------------------------------------------------------------
+# The autoregressive eval: plans of token rows, the decoder (one cache per layer, each step a CUDA graph
+# replay), the eval loop with its progress lines, and the final evals the trainer logs. It runs the model as
+# a DecodeModel and the caches through their interface only: no branch on a backend's name.
+# -----------------------------------------------------------------------------
+
+
+def cuda_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def bpb(loss_sum: float, tokens: float, nbytes: float) -> tuple[float, float]:
+    """Summed NLL (nats) over `tokens` targets of `nbytes` bytes -> (mean loss, bits per byte)."""
+    loss = loss_sum / tokens
+    return loss, loss / math.log(2.0) * tokens / nbytes
+
+
+@dataclass(frozen=True)
+class AREvalSettings:
+    """What the AR evals take of a run's settings (built by Hyperparameters.ar_eval_settings)."""
+    backend: str  # the scored eval's (KV_QUANT_BACKEND, resolved for the device)
+    compare_backends: tuple[str, ...]
+    batch: int  # rows decoded at once; the scored eval cuts the split into this many spans
+    context: int  # the ring cache's entries C
+    window: int  # the teacher-forced windows that the windows check reproduces (TRAIN_SEQ_LEN)
+    cuda_graph: bool
+    cache: KVConfig
+
+
+class DecodeModel:
+    """A trained GPT as the decoder runs it, one token per row at its absolute position through one KV cache per
+    layer: a copy with the QAT deltas folded in and every parameter in the compute dtype (the RoPE frequencies, a
+    buffer, stay fp32), and each attention's Q, K and V weights fused into one matrix, so a token costs one GEMM
+    for them. decode_hidden is GPT.forward_logits with the residual stream between sub-layers fused
+    (residual_norm: one kernel per sub-layer on CUDA)."""
+
+    @torch.no_grad()
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        m = copy.deepcopy(model).eval()
+        for linear in m.modules():  # a CastedLinear's weight plus its QAT delta is the weight training saw
+            if getattr(linear, "qat_delta", None) is not None:
+                linear.weight += linear.qat_delta
+                linear.qat_delta = None
+        if m.emb_qat_delta is not None:
+            m.tok_emb.weight += m.emb_qat_delta
+            m.emb_qat_delta = None
+        for p in m.parameters():
+            p.data = p.data.to(dtype)
+        self.model, self.logit_softcap = m, m.logit_softcap
+        self.qkv = [torch.cat((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight)) for b in m.blocks]
+
+    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
+        """-> the final normed hidden state (B, dim)."""
+        m = self.model
+        x = F.rms_norm(F.embedding(tokens, m.tok_emb.weight), (m.tok_emb.embedding_dim,))
+        x0, skips, delta, delta_scale = x, [], None, None
+        for i, (block, qkv, cache) in enumerate(zip(m.blocks, self.qkv, caches, strict=True)):
+            j = i - m.num_encoder_layers
+            # The first decoder layer's skip is the output of the block just before it, which this
+            # residual_norm itself completes (s below): skip_self.
+            skip_self = j == 0 and i > 0
+            skip = skips.pop() if j > 0 and skips else None
+            skip_weight = m.skip_weights[j] if skip_self or skip is not None else None
+            s, x, h = residual_norm(x, delta, delta_scale, skip, skip_weight, skip_self, x0, block.resid_mix)
+            if 0 < i < m.num_encoder_layers:
+                skips.append(s)
+            attn = block.attn
+            q = cache.prologue(decode_linear(h, qkv), positions, attn.inv_freq, attn.q_gain)
+            out = decode_linear(cache.attend(q).reshape(h.shape[0], -1), attn.proj.weight)
+            _, x, h = residual_norm(x, out, block.attn_scale)
+            fc = decode_linear(h, block.mlp.fc.weight, relu_square_out=True)
+            delta, delta_scale = decode_linear(fc, block.mlp.proj.weight), block.mlp_scale
+        return residual_norm(x, delta, delta_scale)[2]
+
+    def decode_logit_proj(self, h: Tensor) -> Tensor:
+        return decode_linear(h, self.model.logit_weight())
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
+        """-> softcapped logits (B, V)."""
+        return softcap_logits(self.decode_logit_proj(self.decode_hidden(tokens, positions, caches)), self.logit_softcap)
+
+
+@dataclass
+class DecodePlan:
+    """The token rows an AR eval decodes: row b feeds rows[b, p] at position p and scores its next token
+    rows[b, p + 1] where window[b, 0] <= p < window[b, 1], through caches of `capacity` entries."""
+    rows: Tensor
+    window: Tensor
+    capacity: int
+    mode: str
+
+    @property
+    def scored_tokens(self) -> int:
+        return int((self.window[:, 1] - self.window[:, 0]).sum())
+
+    @property
+    def decoded_tokens(self) -> int:
+        return int(self.window[:, 1].sum())
+
+    def scored_bytes(self, luts) -> float:
+        rows = self.rows.to(luts.base_bytes.device)
+        p = torch.arange(rows.shape[1] - 1, device=rows.device)[None, :]
+        window = self.window.to(rows.device)
+        scored = (p >= window[:, :1]) & (p < window[:, 1:])
+        return float(luts.count(rows[:, :-1], rows[:, 1:])[scored].sum())
+
+
+def window_plan(tokens: Tensor, seq: int) -> DecodePlan:
+    """The teacher-forced windows, one per row: the exact backend must reproduce the teacher-forced score."""
+    n = (tokens.numel() - 1) // seq
+    if n == 0:
+        raise ValueError(f"{tokens.numel() - 1} tokens are fewer than one window ({seq} tokens)")
+    return DecodePlan(tokens[:n * seq + 1].unfold(0, seq + 1, seq), torch.tensor([[0, seq]]).repeat(n, 1), seq,
+                      "windows")
+
+
+def ring_plan(tokens: Tensor, batch: int, context: int) -> DecodePlan:
+    """Every target scored once, with `context` - 1 tokens before its input (but in the split's first
+    window): the targets are cut into `batch` contiguous spans, and each row starts `context` - 1 tokens
+    before its span and feeds those without scoring them, through a ring cache of `context` entries."""
+    n = tokens.numel() - 1
+    rows_n = min(batch, n)
+    bounds = [n * i // rows_n for i in range(rows_n + 1)]
+    starts = [max(0, s - (context - 1)) for s in bounds[:-1]]
+    rows = torch.zeros((rows_n, max(e - a for a, e in zip(starts, bounds[1:], strict=True)) + 1), dtype=tokens.dtype)
+    window = torch.empty((rows_n, 2), dtype=torch.int64)
+    for i, (a, s, e) in enumerate(zip(starts, bounds[:-1], bounds[1:], strict=True)):
+        rows[i, :e - a + 1] = tokens[a:e + 1]
+        window[i, 0], window[i, 1] = s - a, e - a
+    return DecodePlan(rows, window, context, "ring")
+
+
+class Decoder:
+    """Decodes a (B, L+1) token matrix one column per step through one KV cache per layer, with the
+    model's DecodeModel. Every row's position lives on the device (rows past the valid ones sit at
+    a negative position: inactive, never written to a cache), so on CUDA the step is captured once in
+    a CUDA graph and replayed L times; no host sync until the end."""
+
+    INACTIVE = -(1 << 62)
+
+    def __init__(self, model, backend: str, batch: int, row_len: int, capacity: int, cfg: KVConfig,
+                 device: torch.device, dtype: torch.dtype, use_graph: bool):
+        attn = model.blocks[0].attn
+        self.caches = [make_kv_cache(backend, batch, attn.num_kv_heads, attn.num_heads, capacity, attn.head_dim,
+                                     device, dtype, cfg, layer=i)
+                       for i in range(len(model.blocks))]
+        self.model, self.device, self.batch = DecodeModel(model, dtype), device, batch
+        self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
+        self.window = torch.zeros((batch, 2), dtype=torch.int64, device=device)
+        self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.graph = None
+        if use_graph and device.type == "cuda":
+            for c in self.caches:
+                c.prewarm()
+            self._capture()
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        t = self.positions[:1]  # row 0 is always live
+        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
+        score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.window, self.row_loss,
+                            self.model.logit_softcap)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._reset(self.batch)
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _reset(self, valid: int) -> None:
+        for c in self.caches:
+            c.reset()
+        live = torch.arange(self.batch, device=self.device) < valid
+        self.positions.copy_(torch.where(live, 0, self.INACTIVE))
+        self.window[valid:] = 0
+        self.row_loss.zero_()
+
+    def decode(self, rows: Tensor, window: Tensor, on_step=None) -> float:
+        """Decodes the first rows.shape[0] rows; -> the summed NLL (nats) of their scored targets.
+        on_step(columns done, this batch's loss so far) is called after every step (a host-side callback)."""
+        valid = rows.shape[0]
+        self.rows[:valid, :rows.shape[1]].copy_(rows)
+        self.window[:valid].copy_(window)
+        self._reset(valid)
+        for col in range(int(window[:, 1].max())):
+            self.graph.replay() if self.graph is not None else self._step()
+            if on_step is not None:
+                on_step(col + 1, self.row_loss)
+        return float(self.row_loss.sum().item())
+
+    def bytes_per_token(self) -> int:
+        return sum(c.bytes_per_token() for c in self.caches)
+
+
+PROGRESS_SECONDS = 30.0
+
+
+def autoregressive_eval(settings: AREvalSettings, model, plan: DecodePlan, luts, backend: str, device: torch.device,
+                        log, batch: int | None = None) -> dict:
+    """Decodes the plan's rows `batch` (else settings.batch) at a time through `backend`'s caches; a progress line
+    at least every PROGRESS_SECONDS (a host sync then only)."""
+    n_rows = plan.rows.shape[0]
+    batch = min(batch or settings.batch, n_rows)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    decoder = Decoder(model, backend, batch, plan.rows.shape[1], plan.capacity, settings.cache, device, dtype,
+                      settings.cuda_graph and device.type == "cuda")
+    tokens, decoded = plan.scored_tokens, plan.decoded_tokens
+    state = {"loss": 0.0, "scored": 0, "decoded": 0, "last": time.perf_counter()}
+    cuda_sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, n_rows, batch):
+        window = plan.window[s:s + batch]
+
+        def on_step(columns: int, row_loss: Tensor) -> None:
+            now = time.perf_counter()
+            if now - state["last"] < PROGRESS_SECONDS:
+                return
+            state["last"] = now
+            scored = state["scored"] + int((window[:, 1].clamp(max=columns) - window[:, 0]).clamp_min(0).sum())
+            done = state["decoded"] + int(window[:, 1].clamp(max=columns).sum())
+            running = (state["loss"] + float(row_loss.sum())) / max(scored, 1)
+            log(f"ar_eval_progress backend:{backend} mode:{plan.mode} scored:{scored}/{tokens} "
+                f"decoded:{done}/{decoded} running_val_loss:{running:.4f} tok_s:{done / (now - t0):.0f} "
+                f"elapsed:{now - t0:.0f}s")
+
+        state["loss"] += decoder.decode(plan.rows[s:s + batch].to(device), window.to(device), on_step)
+        state["scored"] += int((window[:, 1] - window[:, 0]).sum())
+        state["decoded"] += int(window[:, 1].sum())
+    cuda_sync(device)
+    seconds = time.perf_counter() - t0
+    loss, score = bpb(state["loss"], tokens, plan.scored_bytes(luts))
+    return {"backend": backend, "mode": plan.mode, "context": plan.capacity, "val_loss": loss, "val_bpb": score,
+            "tokens": tokens, "decoded_tokens": decoded, "batch": batch, "tok_s": decoded / seconds,
+            "scored_tok_s": tokens / seconds, "seconds": seconds, "bytes_per_token": decoder.bytes_per_token(),
+            "peak_mem_mib": peak_mem_mib(device)}
+
+
+CHALLENGE_VAL_TOKENS = 62_021_632  # the FineWeb validation split the challenge scores
+
+
+def final_ar_evals(settings: AREvalSettings, model, scored_tokens: Tensor, compare_tokens: Tensor, references: dict,
+                   luts, device: torch.device, log, phases: dict) -> dict:
+    """Rank 0. The scored eval: KV_QUANT_BACKEND in ring mode over the scored tokens. Then on the comparison
+    slice: the exact backend in ring mode (the reference every delta is taken against), the exact backend in
+    windows mode (the check that it reproduces the teacher-forced score), and every comparison backend.
+    references: the teacher-forced (loss, bpb) of the comparison slice, "windows" and, if run, "sliding"."""
+    context, exact, results = settings.context, exact_backend(device), {}
+
+    def run(label: str, backend: str, plan: DecodePlan) -> dict:
+        r = autoregressive_eval(settings, model, plan, luts, backend, device, log)
+        if not math.isfinite(r["val_loss"]):
+            raise FloatingPointError(f"the AR eval ({label}) through KV backend {backend} scores val_loss {r['val_loss']}")
+        results[label] = r
+        return r
+
+    def figures(r: dict) -> str:
+        return (f"backend:{r['backend']} mode:{r['mode']} context:{r['context']} val_loss:{r['val_loss']:.8f} "
+                f"val_bpb:{r['val_bpb']:.8f} tokens:{r['tokens']} decoded:{r['decoded_tokens']} batch:{r['batch']} "
+                f"tok_s:{r['tok_s']:.0f} seconds:{r['seconds']:.2f} kv_bytes_per_token:{r['bytes_per_token']}")
+
+    t0 = time.perf_counter()
+    scored = run("scored", settings.backend, ring_plan(scored_tokens, settings.batch, context))
+    log(f"final_ar_scored {figures(scored)}")
+    phases["scored_ar_eval"] = time.perf_counter() - t0
+    rows = min(settings.batch, CHALLENGE_VAL_TOKENS)
+    decoded = CHALLENGE_VAL_TOKENS + (rows - 1) * (context - 1)
+    log(f"eval_budget scored_backend:{scored['backend']} measured_tok_s:{scored['tok_s']:.0f} "
+        f"challenge_split_tokens:{CHALLENGE_VAL_TOKENS} batch:{rows} decoded_tokens:{decoded} "
+        f"estimated_rank0_seconds:{decoded / scored['tok_s']:.1f}")
+
+    t1 = time.perf_counter()
+    ring = ring_plan(compare_tokens, settings.batch, context)
+    reference = run("exact_ring", exact, ring)
+    line = f"final_ar_exact_reference {figures(reference)}"
+    if "sliding" in references:
+        line += f" delta_vs_sliding_window:{reference['val_bpb'] - references['sliding'][1]:+.8f}"
+    log(line)
+    check = run("exact_windows", exact, window_plan(compare_tokens, settings.window))
+    log(f"final_ar_windows_check {figures(check)} teacher_forced_val_bpb:{references['windows'][1]:.8f} "
+        f"delta_vs_teacher_forced:{check['val_bpb'] - references['windows'][1]:+.8f}")
+    for backend in dict.fromkeys([settings.backend, *settings.compare_backends]):
+        same = backend == settings.backend and compare_tokens.numel() == scored_tokens.numel()
+        r = scored if same else run(f"compare_{backend}", backend, ring)
+        r["delta_vs_exact"] = r["val_bpb"] - reference["val_bpb"]
+        log(f"final_ar_comparison {figures(r)} delta_vs_exact:{r['delta_vs_exact']:+.8f}")
+    phases["reference_ar_evals"] = time.perf_counter() - t1
+    return results

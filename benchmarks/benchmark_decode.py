@@ -26,13 +26,14 @@ import train_gpt as tg  # noqa: E402
 import triton_kv_ops as kv  # noqa: E402
 
 
-def ring_decoder(args, model, val, backend: str, batch: int, steps: int, device) -> tg.Decoder:
+def ring_decoder(args, model, val, backend: str, batch: int, steps: int, device) -> kv.Decoder:
     """A decoder over `batch` validation streams, its ring caches already full (C steps decoded)."""
     context = args.kv_eval_context_len or args.train_seq_len
     length = context + steps
     tokens = val[:-1].repeat(-(-batch * (length + 1) // (val.numel() - 1)))[:batch * (length + 1)]
     rows = tokens.reshape(batch, length + 1).to(device)
-    decoder = tg.Decoder(model, backend, batch, length + 1, context, args, device, torch.bfloat16, use_graph=True)
+    decoder = kv.Decoder(model, backend, batch, length + 1, context, args.ar_eval_settings().cache, device,
+                         torch.bfloat16, use_graph=True)
     decoder.rows.copy_(rows)
     decoder._reset(batch)
     decoder.window[:, 1] = length
@@ -67,11 +68,11 @@ def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, devi
     then through each backend, with its delta vs exact."""
     if val.numel() - 1 < n_tokens:
         raise SystemExit(f"--ring-tokens {n_tokens}: the validation split holds only {val.numel() - 1} targets")
-    plan = tg.ring_plan(val[:n_tokens + 1], args.kv_eval_batch, args.kv_eval_context_len or args.train_seq_len)
-    exact = tg.autoregressive_eval(args, model, plan, luts, kv.exact_backend(device), device, print)
+    plan = kv.ring_plan(val[:n_tokens + 1], args.kv_eval_batch, args.kv_eval_context_len or args.train_seq_len)
+    exact = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, kv.exact_backend(device), device, print)
     rows = [exact]
     for backend in backends:
-        r = tg.autoregressive_eval(args, model, plan, luts, backend, device, print)
+        r = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, backend, device, print)
         r["delta_vs_exact"] = r["val_bpb"] - exact["val_bpb"]
         rows.append(r)
     bf16_bytes = exact["bytes_per_token"]
@@ -131,8 +132,8 @@ def main() -> None:
             if windows not in teacher_forced:  # the same windows scored in one forward pass: the exact reference
                 with torch.no_grad():
                     teacher_forced[windows] = tg.eval_teacher_forced(args, model, tg.Dist(device=device), tokens, luts, 64)[1]
-            r = tg.autoregressive_eval(args, model, tg.window_plan(tokens, args.train_seq_len), luts, backend, device,
-                                       print, batch=batch)
+            r = kv.autoregressive_eval(args.ar_eval_settings(), model, kv.window_plan(tokens, args.train_seq_len), luts,
+                                       backend, device, print, batch=batch)
             r["teacher_forced_val_bpb"] = teacher_forced[windows]
             r["full_cache_tok_s"] = full_cache_tok_s(args, model, val, backend, batch, a.steps, device)
             rows.append(r)

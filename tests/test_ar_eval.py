@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+import triton_kv_ops as kv
 from conftest import ROOT, TOKENIZER
 
 
@@ -32,11 +33,11 @@ def test_exact_backend_reproduces_teacher_forced_score(sample_shards):
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
     tf_loss, tf_bpb = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)
-    plan = tg.window_plan(val, args.train_seq_len)
-    ar = tg.autoregressive_eval(args, model, plan, luts, "bf16", torch.device("cpu"), print)
+    plan = kv.window_plan(val, args.train_seq_len)
+    ar = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, "bf16", torch.device("cpu"), print)
     assert ar["tokens"] == 480 and ar["batch"] == 4  # 10 windows in batches of 4, the last one padded
     assert abs(ar["val_bpb"] - tf_bpb) < 1e-5 and abs(ar["val_loss"] - tf_loss) < 1e-5
-    int8 = tg.autoregressive_eval(args, model, plan, luts, "int8", torch.device("cpu"), print)
+    int8 = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, "int8", torch.device("cpu"), print)
     assert 0 < abs(int8["val_bpb"] - tf_bpb) < 5e-3
 
 
@@ -47,9 +48,9 @@ def test_sliding_cache_keeps_relative_positions(backend):
     args, model = tiny_model(1, layers=1)
     context, steps = 16, 40
     tokens = torch.randint(0, 1024, (2, steps))
-    cfg = tg.kv.KVConfig(group_size=16)
-    caches = [tg.kv.make_kv_cache(backend, 2, 2, 4, context, 16, "cpu", torch.float32, cfg) for _ in model.blocks]
-    decoder = model.for_decode(torch.float32)
+    cfg = kv.KVConfig(group_size=16)
+    caches = [kv.make_kv_cache(backend, 2, 2, 4, context, 16, "cpu", torch.float32, cfg) for _ in model.blocks]
+    decoder = kv.DecodeModel(model, torch.float32)
     with torch.no_grad():
         for t in range(steps):
             logits = decoder.decode_step(tokens[:, t], torch.full((2,), t), caches)
@@ -101,8 +102,8 @@ def test_decode_matches_the_full_forward_at_every_position(layers):
     """decode_hidden's fused residual stream (the U-Net skips included) against forward_logits."""
     args, model = tiny_model(3, layers)
     tokens = torch.randint(0, 1024, (2, 12))
-    caches = [tg.kv.make_kv_cache("bf16", 2, 2, 4, 16, 16, "cpu", torch.float32) for _ in model.blocks]
-    decoder = model.for_decode(torch.float32)
+    caches = [kv.make_kv_cache("bf16", 2, 2, 4, 16, 16, "cpu", torch.float32) for _ in model.blocks]
+    decoder = kv.DecodeModel(model, torch.float32)
     with torch.no_grad():
         stepped = torch.stack([decoder.decode_step(tokens[:, t], torch.full((2,), t), caches) for t in range(12)], 1)
         torch.testing.assert_close(stepped, model.forward_logits(tokens), rtol=0, atol=1e-4)
@@ -117,7 +118,7 @@ def test_residual_norm_kernel_matches_reference(skip_self, has_skip, has_mix, ha
     kwargs = dict(delta=delta if has_delta else None, delta_scale=torch.rand(n) if has_delta else None,
                   skip=skip if has_skip else None, skip_weight=torch.rand(n) if has_skip or skip_self else None,
                   skip_self=skip_self, x0=x0 if has_mix else None, mix=torch.rand(2, n) if has_mix else None)
-    for got, want in zip(tg.kv.residual_norm_triton(x, **kwargs), tg.kv.residual_norm_reference(x, **kwargs)):
+    for got, want in zip(kv.residual_norm_triton(x, **kwargs), kv.residual_norm_reference(x, **kwargs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -126,13 +127,13 @@ def test_small_batch_linear_kernel_matches_reference(rows, n, k, relu_square):
     torch.manual_seed(0)
     x, w = torch.randn(rows, k), torch.randn(n, k) / 30
     want = F.linear(x, w)
-    want = tg.kv.relu_square_reference(want) if relu_square else want
-    torch.testing.assert_close(tg.kv.small_batch_linear_triton(x, w, relu_square), want, rtol=1e-5, atol=1e-5)
+    want = kv.relu_square_reference(want) if relu_square else want
+    torch.testing.assert_close(kv.small_batch_linear_triton(x, w, relu_square), want, rtol=1e-5, atol=1e-5)
 
 
 def test_relu_square_kernel_matches_reference():
     x = torch.randn(3, 1500)  # not a multiple of the block
-    torch.testing.assert_close(tg.kv.relu_square_triton(x), tg.kv.relu_square_reference(x))
+    torch.testing.assert_close(kv.relu_square_triton(x), kv.relu_square_reference(x))
 
 
 def test_score_next_token_kernel_matches_reference():
@@ -141,10 +142,10 @@ def test_score_next_token_kernel_matches_reference():
     window = torch.tensor([[0, 9], [6, 9], [0, 0], [0, 8], [0, 8]])  # row 1 in its warmup, row 4 past its end
     positions = {name: torch.tensor([5, 5, -(1 << 62), 7, 8]) for name in ("kernel", "torch")}
     loss = {name: torch.full((5,), 2.0, dtype=torch.float64) for name in positions}
-    for name, score in (("kernel", tg.kv.score_next_token_triton), ("torch", tg.kv.score_next_token_reference)):
+    for name, score in (("kernel", kv.score_next_token_triton), ("torch", kv.score_next_token_reference)):
         score(proj, rows, positions[name], window, loss[name], 30.0)
     torch.testing.assert_close(loss["kernel"], loss["torch"], rtol=1e-5, atol=1e-5)
-    nll = tg.kv.next_token_nll_reference(proj, rows[torch.arange(5), torch.tensor([6, 6, 0, 8, 8])], 30.0).double()
+    nll = kv.next_token_nll_reference(proj, rows[torch.arange(5), torch.tensor([6, 6, 0, 8, 8])], 30.0).double()
     torch.testing.assert_close(loss["kernel"], torch.tensor([2 + nll[0], 2, 2, 2 + nll[3], 2], dtype=torch.float64))
     assert positions["kernel"].tolist() == positions["torch"].tolist() == [6, 6, -(1 << 62) + 1, 8, 9]
 
@@ -159,25 +160,25 @@ def test_fused_decoder_matches_the_torch_path(sample_shards, monkeypatch):
     args.data_path, args.val_max_tokens, args.kv_eval_batch = str(sample_shards), 48 * 3, 4
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(spm.SentencePieceProcessor(model_file=str(TOKENIZER)), torch.device("cpu"))
-    plan = tg.window_plan(val, args.train_seq_len)
-    torch_path = tg.autoregressive_eval(args, model, plan, luts, "int8", torch.device("cpu"), print)
+    plan = kv.window_plan(val, args.train_seq_len)
+    torch_path = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, "int8", torch.device("cpu"), print)
     teacher_forced = tg.eval_teacher_forced(args, model, tg.Dist(), val, luts, 3)[1]
     launches = {}
     for name in ("residual_norm_triton", "score_next_token_triton", "relu_square_triton"):
-        def counted(*a, _kernel=getattr(tg.kv, name), _name=name, **k):
+        def counted(*a, _kernel=getattr(kv, name), _name=name, **k):
             launches[_name] = launches.get(_name, 0) + 1
             return _kernel(*a, **k)
-        monkeypatch.setattr(tg.kv, name, counted)
-    monkeypatch.setattr(tg.kv, "use_decode_kernels", lambda device: True)
-    monkeypatch.setattr(tg.kv, "SMALL_BATCH_ROWS", 0)
-    fused = tg.autoregressive_eval(args, model, plan, luts, "int8_triton", torch.device("cpu"), print)
+        monkeypatch.setattr(kv, name, counted)
+    monkeypatch.setattr(kv, "use_decode_kernels", lambda device: True)
+    monkeypatch.setattr(kv, "SMALL_BATCH_ROWS", 0)
+    settings, cpu = args.ar_eval_settings(), torch.device("cpu")
+    fused = kv.autoregressive_eval(settings, model, plan, luts, "int8_triton", cpu, print)
     steps = 48  # one batch of 3 windows (padded to 4), 48 decode steps
     assert launches == {"residual_norm_triton": steps * (2 * 2 + 1), "score_next_token_triton": steps,
                         "relu_square_triton": steps * 2}
     assert fused["tokens"] == torch_path["tokens"] == 144
     assert abs(fused["val_bpb"] - torch_path["val_bpb"]) < 1e-4  # same codes; the kernels sum in another order
-    exact = tg.autoregressive_eval(args, model, plan, luts, tg.kv.exact_backend(torch.device("cpu")), torch.device("cpu"),
-                                   print)
+    exact = kv.autoregressive_eval(settings, model, plan, luts, kv.exact_backend(cpu), cpu, print)
     assert exact["backend"] == "bf16_triton" and abs(exact["val_bpb"] - teacher_forced) < 1e-5
 
 
@@ -195,7 +196,7 @@ def brute_force_bpb(model, tokens, luts, context_start) -> float:
             logits = model.forward_logits(tokens[None, context_start(t):t])[0, -1]
             nll += float(F.cross_entropy(logits[None], tokens[t:t + 1]))
     nbytes = float(luts.count(tokens[:-1], tokens[1:]).sum())
-    return tg.bpb(nll, tokens.numel() - 1, nbytes)[1]
+    return kv.bpb(nll, tokens.numel() - 1, nbytes)[1]
 
 
 RING_SHAPES = [(1, 8), (3, 16), (4, 5), (7, 12)]  # (rows B, ring entries C); 101 targets: no B divides them
@@ -208,8 +209,8 @@ def test_ring_eval_scores_each_token_with_a_full_window_one_layer(batch, context
     args, model = tiny_model(5, layers=1)
     tokens, luts = torch.randint(0, 1024, (102,)), luts_cpu()
     args.kv_eval_batch = batch
-    plan = tg.ring_plan(tokens, batch, context)
-    ring = tg.autoregressive_eval(args, model, plan, luts, "bf16", torch.device("cpu"), print)
+    plan = kv.ring_plan(tokens, batch, context)
+    ring = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, "bf16", torch.device("cpu"), print)
     assert ring["tokens"] == 101 and plan.scored_bytes(luts) == float(luts.count(tokens[:-1], tokens[1:]).sum())
     want = brute_force_bpb(model, tokens, luts, lambda t: max(0, t - context))
     assert abs(ring["val_bpb"] - want) < 1e-5, (ring["val_bpb"], want)
@@ -224,8 +225,8 @@ def test_ring_eval_is_sliding_window_attention_over_each_row(batch, context, mon
     args, model = tiny_model(6, layers=3)
     tokens, luts = torch.randint(0, 1024, (102,)), luts_cpu()
     args.kv_eval_batch = min(batch, 2)  # two decode batches where B > 2
-    ring = tg.autoregressive_eval(args, model, tg.ring_plan(tokens, batch, context), luts, "bf16", torch.device("cpu"),
-                                  print)
+    ring = kv.autoregressive_eval(args.ar_eval_settings(), model, kv.ring_plan(tokens, batch, context), luts, "bf16",
+                                  torch.device("cpu"), print)
     sdpa = F.scaled_dot_product_attention
 
     def banded(q, k, v, is_causal, enable_gqa):
@@ -266,8 +267,8 @@ def test_sliding_window_reference_matches_its_definition(stride, seq):
 
 def test_ar_eval_reports_progress_within_one_batch(monkeypatch):
     args, model = tiny_model(8, layers=1)
-    monkeypatch.setattr(tg, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(kv, "PROGRESS_SECONDS", 0.0)
     lines = []
-    tg.autoregressive_eval(args, model, tg.ring_plan(torch.randint(0, 1024, (41,)), 4, 8), luts_cpu(), "bf16",
-                           torch.device("cpu"), lines.append)
+    plan = kv.ring_plan(torch.randint(0, 1024, (41,)), 4, 8)
+    kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts_cpu(), "bf16", torch.device("cpu"), lines.append)
     assert len(lines) == 17 and lines[-1].startswith("ar_eval_progress backend:bf16 mode:ring scored:40/40 decoded:61/61")
