@@ -25,10 +25,10 @@ Keys are cached after RoPE at their absolute position, so a ring buffer that evi
 keeps relative positions true. The Triton attention follows flash decoding in one launch: the
 filled length is split across programs (online softmax, partial output + log-sum-exp), and the
 last split of each (row, KV head) to finish merges the parts. tq4 keys and values are scored in
-the layer's rotated basis (the query rotated once by the prologue), their nibbles decoded through
-a 16-entry table. qjl keys are tq4 keys plus QJL on their residual: sign bits of its sketch, looked
-up 4 at a time from a 128-byte fp16 table (not unpacked bit by bit) and scored against the sketched
-query by a tensor-core dot.
+the layer's rotated basis (the query rotated once by the prologue), their nibbles (sign and
+magnitude) decoded by byte permutes over an 8-entry table held in registers. qjl keys are tq4
+keys plus QJL on their residual: sign bits of its sketch, looked up 4 at a time from a 128-byte
+fp16 table (not unpacked bit by bit) and scored against the sketched query by a tensor-core dot.
 
 Adding a backend:
   1. a torch reference: a KVCache subclass with a `name`, its buffers (allocate), write, scores,
@@ -342,18 +342,20 @@ def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tenso
 class TurboQuantMSE:
     """TurboQuant's MSE quantizer (Zandieh et al. 2025) of one layer's head vectors: each vector is rotated by the
     layer's seeded randomized Hadamard transform, so its direction's coordinates are about N(0, 1/D) whatever the
-    model's channels do; those are coded by the 16-level Lloyd-Max codebook of that distribution, two codes per
-    byte, with one fp16 scale per vector (the least-squares scale of its decoded codes, which also restores its
-    norm). Decoded vectors stay in the rotated basis."""
+    model's channels do; the direction scaled to unit variance is coded by the 16-level Lloyd-Max codebook of
+    N(0, 1), two codes per byte, with one fp16 scale per vector (the least-squares scale of its decoded codes, which
+    also restores its norm: about |x| / sqrt(D)). A code is sign and magnitude, as fp16 is: bit 3 set for a negative
+    coordinate, bits 0-2 the index of its magnitude among the codebook's 8 positive centroids, so the attention
+    kernel decodes it by byte permutes over an 8-entry table. Decoded vectors stay in the rotated basis."""
 
     def __init__(self, head_dim: int, seed: int, device):
         self.signs, self.hadamard, self.rotation = randomized_hadamard(head_dim, seed, device)
-        z = torch.tensor(gaussian_lloyd_max(16), dtype=torch.float32)
-        self.centroids, self.bounds = (z / math.sqrt(head_dim)).to(device), ((z[1:] + z[:-1]) / 2).to(device)
+        magnitudes = torch.tensor(gaussian_lloyd_max(16)[8:], dtype=torch.float32)  # the positive half, ascending
+        self.centroids = torch.cat((magnitudes, -magnitudes)).to(device)  # by code
+        self.bounds = ((magnitudes[1:] + magnitudes[:-1]) / 2).to(device)  # between consecutive magnitudes
         self.codebook = torch.cat((self.centroids, self.bounds))  # as the write kernel takes it
-        self.table = self.centroids.half()  # as the attention kernel decodes through it
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.signs, self.hadamard, self.rotation,
-                                                                 self.codebook, self.table))
+                                                                 self.codebook))
 
     @classmethod
     def for_cache(cls, cache: "KVCache") -> "TurboQuantMSE":
@@ -367,14 +369,18 @@ class TurboQuantMSE:
     def encode_rotated(self, xr: Tensor) -> tuple[Tensor, Tensor]:
         """encode() of a vector already in the rotated basis (fp32)."""
         u = xr * (math.sqrt(xr.shape[-1]) / xr.norm(dim=-1, keepdim=True).clamp_min(1e-30))
-        code = torch.bucketize(u, self.bounds)  # the boundaries below each coordinate
+        code = torch.bucketize(u.abs(), self.bounds) + 8 * (u < 0)  # the magnitude bounds below |u|, the sign
         c = self.centroids[code]
         scale = (xr * c).sum(-1) / (c * c).sum(-1).clamp_min(1e-30)
         return (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8), scale.half()
 
     def decode_rotated(self, codes: Tensor, scale: Tensor) -> Tensor:
-        code = torch.stack(((codes & 15).long(), (codes >> 4).long()), -1).reshape(*codes.shape[:-1], -1)
-        return self.centroids[code] * scale.float()[..., None]
+        return self.centroids[tq4_unpack(codes)] * scale.float()[..., None]
+
+
+def tq4_unpack(codes: Tensor) -> Tensor:
+    """Packed tq4 codes (..., D // 2) uint8 -> a code per channel (..., D) int64; channel 2i: byte i's low nibble."""
+    return torch.stack(((codes & 15).long(), (codes >> 4).long()), -1).reshape(*codes.shape[:-1], -1)
 
 
 class TQ4Cache(KVCache):
@@ -532,15 +538,16 @@ if triton is not None:
     @triton.jit
     def _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live):
         """x (R, D) rotated rows: each row's direction x / |x| * sqrt(D), about N(0, 1) per coordinate, coded
-        by the 16-level Lloyd-Max codebook (code = boundaries below it; codebook: 16 centroids of N(0, 1/D),
-        then the 15 boundaries), channels 2i and 2i + 1 as the low and high nibble of byte i; and the row's
-        least-squares scale <x, c> / <c, c> of its decoded codes c, in fp16. -> the rows as decoded (R, D)."""
+        by the 16-level Lloyd-Max codebook of N(0, 1) in sign and magnitude (TurboQuantMSE; codebook: the 16
+        centroids by code, then the 7 bounds between magnitudes), channels 2i and 2i + 1 as the low and high nibble
+        of byte i; and the row's least-squares scale <x, c> / <c, c> of its decoded codes c, in fp16. -> the rows
+        as decoded (R, D)."""
         R: tl.constexpr = x.shape[0]
         D: tl.constexpr = x.shape[1]
         u = x * (tl.sqrt(D * 1.0) / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-30))[:, None]
-        code = tl.zeros((R, D), tl.int32)
-        for j in tl.static_range(15):
-            code += (u > tl.load(codebook_ptr + 16 + j)).to(tl.int32)
+        code = tl.where(u < 0, 8, 0)
+        for j in tl.static_range(7):
+            code += (tl.abs(u) > tl.load(codebook_ptr + 16 + j)).to(tl.int32)
         c = tl.load(codebook_ptr + code)
         scale = tl.sum(x * c, axis=1) / tl.maximum(tl.sum(c * c, axis=1), 1e-30)
         lo, hi = tl.split(tl.reshape(code, (R, D // 2, 2)))
@@ -659,6 +666,10 @@ if triton is not None:
     # The interpreter runs no PTX: there the int8 decoder takes plain integer ops, to the same fp16 values.
     INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
+    INT8_DECODE_PTX = tl.constexpr(
+        "{ .reg .b32 u, even, odd; xor.b32 u, $4, 0x80808080; prmt.b32 even, u, 0x64646464, 0x4240; "
+        "prmt.b32 odd, u, 0x64646464, 0x4341; mov.b32 {$0, $1}, even; mov.b32 {$2, $3}, odd; }")
+
     @triton.jit
     def _int8_halves(ptr, entry, nmask, D: tl.constexpr):
         """A block of int8 code rows, read as int32 words, decoded in registers as its even and its odd channels, two
@@ -674,10 +685,8 @@ if triton is not None:
             byte = ((words[:, :, None] >> (8 * tl.arange(0, 4))[None, None, :]) & 0xFF) ^ 0x80
             even, odd = tl.split(tl.reshape(byte.to(tl.float16) - 128.0, (N, D // 4, 2, 2)))  # bytes 0, 2 and 1, 3
             return tl.reshape(even, (N, D // 2)), tl.reshape(odd, (N, D // 2))
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            "{ .reg .b32 u, lo, hi; xor.b32 u, $4, 0x80808080; prmt.b32 lo, u, 0x64646464, 0x4140; "
-            "prmt.b32 hi, u, 0x64646464, 0x4342; mov.b32 {$0, $1}, lo; mov.b32 {$2, $3}, hi; }",
-            "=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+        c0, c2, c1, c3 = tl.inline_asm_elementwise(INT8_DECODE_PTX, "=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 4,
+                                                   is_pure=True, pack=1)
         return tl.reshape(tl.join(c0, c2), (N, D // 2)) - 1152.0, tl.reshape(tl.join(c1, c3), (N, D // 2)) - 1152.0
 
     @triton.jit
@@ -685,33 +694,85 @@ if triton is not None:
         """(R, D) -> its even and its odd channels, each (R, D // 2)."""
         return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
 
-    @triton.jit
-    def _tq4_halves(q_ptr, s_ptr, table_ptr, entry, nmask, D: tl.constexpr):
-        """A block of tq4 rows decoded in registers as even and odd channels (BLOCK_N, D // 2) fp16: the low and
-        high nibble of each byte looked up in the 16-entry fp16 centroid table (L1-resident), times the scale."""
-        byte = tl.load(q_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
-                       other=0).to(tl.int32)
-        scale = tl.load(s_ptr + entry, mask=nmask, other=0)[:, None]
-        return tl.load(table_ptr + (byte & 15)) * scale, tl.load(table_ptr + (byte >> 4)) * scale
+    def _tq4_byte_tables() -> tuple[int, int, int, int]:
+        """The fp16 bit patterns of tq4's 8 magnitudes as byte-permute tables: the low bytes of magnitudes 0-3 and
+        4-7, then their high bytes, byte i of a word for magnitude i (mod 4); as signed int32 values (Triton's)."""
+        bits = torch.tensor(gaussian_lloyd_max(16)[8:], dtype=torch.float16).view(torch.int16).int() & 0xFFFF
+        packed = [sum(int(v) << (8 * i) for i, v in enumerate(b.tolist()))
+                  for b in (bits[:4] & 255, bits[4:] & 255, bits[:4] >> 8, bits[4:] >> 8)]
+        return tuple(w - (1 << 32) if w >> 31 else w for w in packed)
+
+    TQ4_LOW_0, TQ4_LOW_4, TQ4_HIGH_0, TQ4_HIGH_4 = (tl.constexpr(w) for w in _tq4_byte_tables())
+    # Eight codes (a word's nibbles) -> eight fp16 values in about two instructions a code, no table loads: a byte
+    # permute over two table registers looks up 4 magnitudes' low bytes (the selector: the codes less their sign
+    # bits), another their high bytes, a third spreads the 4 sign bits (from the word and the word << 4, whose
+    # bytes' top bits they are) over the high bytes, and two more interleave low and high bytes into fp16 pairs of
+    # channels 8w + k and 8w + k + 2, the pairs the even and odd tiles hold in a register (no repacking after).
+    TQ4_DECODE_PTX = tl.constexpr(
+        "{ .reg .b32 m, t, lo, hi, sg, pair, l0, l4, h0, h4; "
+        f"mov.b32 l0, {TQ4_LOW_0.value & 0xFFFFFFFF:#x}; mov.b32 l4, {TQ4_LOW_4.value & 0xFFFFFFFF:#x}; "
+        f"mov.b32 h0, {TQ4_HIGH_0.value & 0xFFFFFFFF:#x}; mov.b32 h4, {TQ4_HIGH_4.value & 0xFFFFFFFF:#x}; "
+        "and.b32 m, $8, 0x77777777; shl.b32 t, $8, 4; "
+        "prmt.b32 lo, l0, l4, m; prmt.b32 hi, h0, h4, m; prmt.b32 sg, t, $8, 0xD9C8; "
+        "and.b32 sg, sg, 0x80808080; or.b32 hi, hi, sg; "
+        "prmt.b32 pair, lo, hi, 0x6240; mov.b32 {$0, $1}, pair; "
+        "prmt.b32 pair, lo, hi, 0x7351; mov.b32 {$2, $3}, pair; "
+        "shr.b32 m, m, 16; "
+        "prmt.b32 lo, l0, l4, m; prmt.b32 hi, h0, h4, m; prmt.b32 sg, t, $8, 0xFBEA; "
+        "and.b32 sg, sg, 0x80808080; or.b32 hi, hi, sg; "
+        "prmt.b32 pair, lo, hi, 0x6240; mov.b32 {$4, $5}, pair; "
+        "prmt.b32 pair, lo, hi, 0x7351; mov.b32 {$6, $7}, pair; }")
 
     @triton.jit
-    def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, table_ptr, sign_table_ptr, entry, nmask,
+    def _tq4_value(word):
+        """The fp16 value of the tq4 code in a word's low nibble, from the byte tables the PTX permutes (the
+        interpreter's path)."""
+        magnitude = word & 7
+        shift = 8 * (magnitude & 3)
+        low = tl.where(magnitude < 4, TQ4_LOW_0 >> shift, TQ4_LOW_4 >> shift) & 0xFF
+        high = tl.where(magnitude < 4, TQ4_HIGH_0 >> shift, TQ4_HIGH_4 >> shift) & 0xFF
+        return _fp16_bits(low | (high << 8) | ((word & 8) << 12))
+
+    @triton.jit
+    def _tq4_halves(q_ptr, s_ptr, entry, nmask, D: tl.constexpr):
+        """A block of tq4 rows, read as int32 words of 8 codes, decoded in registers as even and odd channels
+        (BLOCK_N, D // 2) fp16, times each row's scale. Looking each code up in a 16-entry table in memory took one
+        load a code, 134 of the loop's 1,336 instructions per thread per 64 entries (benchmarks/attend_sass.py),
+        and bound tq4 at 12% of copy bandwidth."""
+        tl.static_assert(D % 8 == 0, "tq4 rows are read as int32 words: head_dim must be a multiple of 8")
+        N: tl.constexpr = entry.shape[0]
+        words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + entry[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :],
+                        mask=nmask[:, None], other=0)
+        if INTERPRETED:
+            c = (_tq4_value(words), _tq4_value(words >> 8), _tq4_value(words >> 4), _tq4_value(words >> 12),
+                 _tq4_value(words >> 16), _tq4_value(words >> 24), _tq4_value(words >> 20), _tq4_value(words >> 28))
+        else:
+            c = tl.inline_asm_elementwise(TQ4_DECODE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 8,
+                                          is_pure=True, pack=1)
+        scale = tl.load(s_ptr + entry, mask=nmask, other=0)[:, None]
+        # c[k] is channel 8w + k of word w: the even channels 8w, 8w + 2, ... are c[0], c[2], c[4], c[6]
+        even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[1], c[5])), (N, D // 2))
+        odd = tl.reshape(tl.join(tl.join(c[2], c[6]), tl.join(c[3], c[7])), (N, D // 2))
+        return even * scale, odd * scale
+
+    @triton.jit
+    def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask,
                     KEY: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr):
         """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
-        dots. exact keys: q in the keys' dtype; int8: q fp16 (BLOCK_H, D); tq4: q in the rotated basis as fp16
-        even and odd channel halves. qjl: those halves and S q's halves (_nibble_halves, fp16): the tq4 score plus
-        the residual's, sqrt(pi/2) / M * |r| * <S q, sign(S r)>, whose signs are looked up a nibble at a time in
-        the 128-byte fp16 sign table (L1-resident, one 8-byte load each), not unpacked bit by bit."""
+        dots. exact keys: q in the keys' dtype; int8: q as fp16 even and odd channel halves (the decoder's tiles);
+        tq4: those halves of q in the rotated basis. qjl: those halves and S q's halves (_nibble_halves, fp16): the
+        tq4 score plus the residual's, sqrt(pi/2) / M * |r| * <S q, sign(S r)>, whose signs are looked up a nibble
+        at a time in the 128-byte fp16 sign table (L1-resident, one 8-byte load each), not unpacked bit by bit."""
         if KEY == "exact":
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             score = tl.dot(q, tl.trans(k))
-        elif KEY == "int8":
-            even, odd = _int8_halves(kq_ptr, entry, nmask, D)
-            k = tl.reshape(tl.join(even, odd), (entry.shape[0], D))
-            score = tl.dot(q, tl.trans(_scale_groups(k, ks_ptr, entry, nmask, GROUP)))
         else:
-            tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
-            k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, table_ptr, entry, nmask, D)
+            if KEY == "int8":
+                k_even, k_odd = _int8_halves(kq_ptr, entry, nmask, D)
+                k_even, k_odd = _scale_halves(k_even, k_odd, ks_ptr, entry, nmask, GROUP)
+            else:
+                tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
+                k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, entry, nmask, D)
             score = tl.dot(q[0], tl.trans(k_even)) + tl.dot(q[1], tl.trans(k_odd))
         if KEY == "qjl":
             sq_low, sq_high = q[2], q[3]
@@ -727,23 +788,25 @@ if triton is not None:
         return score
 
     @triton.jit
-    def _scale_groups(codes, s_ptr, entry, nmask, GROUP: tl.constexpr):
-        """codes (N, D) fp16 times their entries' per-group scales, loaded once per group (N, D // GROUP)."""
-        N: tl.constexpr = codes.shape[0]
-        D: tl.constexpr = codes.shape[1]
+    def _scale_halves(even, odd, s_ptr, entry, nmask, GROUP: tl.constexpr):
+        """Even and odd channel halves (N, D // 2) of group-quantized codes times their entries' per-group scales
+        (channels 2i and 2i + 1 share group 2i // GROUP), each scale loaded once (N, D // GROUP)."""
+        N: tl.constexpr = even.shape[0]
+        D: tl.constexpr = 2 * even.shape[1]
         scale = tl.load(s_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :], mask=nmask[:, None],
-                        other=0)
-        return tl.reshape(tl.reshape(codes, (N, D // GROUP, GROUP)) * scale[:, :, None], (N, D))
+                        other=0)[:, :, None]
+        shape: tl.constexpr = (N, D // GROUP, GROUP // 2)
+        return (tl.reshape(tl.reshape(even, shape) * scale, (N, D // 2)),
+                tl.reshape(tl.reshape(odd, shape) * scale, (N, D // 2)))
 
     @triton.jit
-    def _value_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, VALUE: tl.constexpr, D: tl.constexpr,
+    def _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE: tl.constexpr, D: tl.constexpr,
                       GROUP: tl.constexpr):
         """A block of cached values decoded in registers as its even and its odd channels, two (BLOCK_N, D // 2)
         fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
         interleaves them back (that went through shared memory); each tile feeds its own dot."""
-        N: tl.constexpr = entry.shape[0]
         if VALUE == "tq4":  # (no early return: the compiler would still compile the code after it)
-            even, odd = _tq4_halves(vq_ptr, vs_ptr, table_ptr, entry, nmask, D)
+            even, odd = _tq4_halves(vq_ptr, vs_ptr, entry, nmask, D)
         elif VALUE == "int4":
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
@@ -756,11 +819,7 @@ if triton is not None:
             v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
             even, odd = _even_odd_halves(v.to(tl.float16))
         if (VALUE == "int8") | (VALUE == "int4"):
-            scale = tl.load(vs_ptr + entry[:, None] * (D // GROUP) + tl.arange(0, D // GROUP)[None, :],
-                            mask=nmask[:, None], other=0)[:, :, None]  # channels 2i and 2i + 1: group 2i // GROUP
-            shape: tl.constexpr = (N, D // GROUP, GROUP // 2)
-            even = tl.reshape(tl.reshape(even, shape) * scale, (N, D // 2))
-            odd = tl.reshape(tl.reshape(odd, shape) * scale, (N, D // 2))
+            even, odd = _scale_halves(even, odd, vs_ptr, entry, nmask, GROUP)
         return even, odd
 
     @triton.jit
@@ -795,10 +854,10 @@ if triton is not None:
 
     @triton.jit
     def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, slot_pos_ptr, newest_ptr, vq_ptr,
-                       vs_ptr, sketch_ptr, key_table_ptr, sign_table_ptr, value_table_ptr, len_ptr, mid_o_ptr,
-                       mid_lse_ptr, count_ptr, out_ptr, H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr,
-                       VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
-                       RECENT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+                       vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr, H,
+                       CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr, D: tl.constexpr,
+                       GROUP: tl.constexpr, M: tl.constexpr, RECENT: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
         """Program (row, KV head, split): online softmax over its slice of the filled length for all G query
         heads of that KV head. With one split it writes the output; otherwise it writes its partial output
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
@@ -815,7 +874,7 @@ if triton is not None:
         q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
         q = q_in.to(kq_ptr.dtype.element_ty if KEY == "exact" else tl.float16)
         q16 = q_in.to(tl.float16)
-        if KEY == "tq4":
+        if (KEY == "int8") | (KEY == "tq4"):
             q = _even_odd_halves(q)
         elif KEY == "qjl":
             q_even, q_odd = _even_odd_halves(q)
@@ -831,7 +890,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             entry = (b * H + h) * CAP + offs_n
-            s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, key_table_ptr, sign_table_ptr, entry, nmask, KEY,
+            s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, KEY,
                             D, GROUP, M) * log2_scale
             if RECENT > 0:
                 slot_pos = tl.load(slot_pos_ptr + b * CAP + offs_n, mask=nmask, other=0)
@@ -843,7 +902,7 @@ if triton is not None:
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
-            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, value_table_ptr, entry, nmask, VALUE, D, GROUP)
+            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE, D, GROUP)
             p16 = p.to(tl.float16)
             acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even.to(tl.float16))
             acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd.to(tl.float16))
@@ -912,12 +971,10 @@ class KernelCodes(NamedTuple):
 class KernelTables(NamedTuple):
     """The kernels' read-only operands beyond the cache buffers; a backend that does not use one passes any tensor."""
     sketch: Tensor  # qjl: S (M, D) fp16
-    key_table: Tensor  # tq4 and qjl: the fp16 centroids
     sign_table: Tensor  # qjl: the 128-byte fp16 sign table
-    value_table: Tensor  # tq4: the fp16 centroids
     rot_signs: Tensor  # tq4 and qjl: the rotation's signs (D,) fp32
     hadamard: Tensor  # tq4 and qjl: H (D, D) fp16, +-1
-    codebook: Tensor  # tq4 and qjl: 16 centroids of N(0, 1/D), then 15 boundaries (of N(0, 1)), fp32
+    codebook: Tensor  # tq4 and qjl: the 16 centroids of N(0, 1) by code, then the 7 bounds between magnitudes, fp32
 
 
 class TritonAttendMixin:
@@ -1004,7 +1061,7 @@ class TritonAttendMixin:
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         t = self.tables()
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            query_tensor(q), *self.codes(), t.sketch, t.key_table, t.sign_table, t.value_table, self.lengths,
+            query_tensor(q), *self.codes(), t.sketch, t.sign_table, self.lengths,
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
             M=self.cfg.qjl_dim, RECENT=self.recent, BLOCK_H=max(16, triton.next_power_of_2(g)),
@@ -1029,7 +1086,7 @@ class RotatedAttendMixin(TritonAttendMixin):
         return RotatedQuery(super().empty_query(dtype))
 
     def tables(self):
-        return super().tables()._replace(key_table=self.mse.table, rot_signs=self.mse.signs,
+        return super().tables()._replace(rot_signs=self.mse.signs,
                                          hadamard=self.mse.hadamard, codebook=self.mse.codebook)
 
     def attend(self, q):
@@ -1090,9 +1147,6 @@ class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)
-
-    def tables(self):
-        return super().tables()._replace(value_table=self.mse.table)
 
 
 TORCH_BACKENDS = (ExactCache, Int8Cache, QJLCache, QJLRecentKCache, TQ4Cache)

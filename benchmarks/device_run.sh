@@ -14,6 +14,7 @@
 #   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
 #   isolation       the artifact isolation check on the last artifact (or $ART) in a fresh process
 #   gpu_tests       tests/test_kv.py with the kernels compiled for the GPU (TRITON_INTERPRET=0), GPU_TESTS: a -k filter
+#   artifact        the last artifact (or $ART) copied to $OUT, to score it on another machine (device files: 16 MiB)
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -80,6 +81,10 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
       TRITON_INTERPRET=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_kv.py \
         ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tail -15 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
+    artifact)
+      art=${ART:-$(last_artifact)}
+      cp "$art" "$OUT/" && note "artifact $(basename "$art"): $(stat -c %s "$art") bytes"
+      rc=$? ;;
     *) note "unknown stage $stage"; rc=2 ;;
   esac
   note "== $stage rc=$rc $(( $(date +%s) - t0 )) s"

@@ -30,6 +30,9 @@ def codes(cache, key):
     t = cache.buffers[key]
     if key == "k_bits":
         return kv.unpack_signs(t)
+    if key in ("k_codes", "v_codes"):  # tq4's sign and magnitude -> the centroid's rank: neighbours differ by 1
+        c = kv.tq4_unpack(t)
+        return torch.where(c >= 8, 7 - (c & 7), 8 + c)
     return kv.unpack_nibbles(t) if t.dtype == torch.uint8 else t
 
 
@@ -140,6 +143,78 @@ def test_int8_decoder_is_exact_for_every_code():
     out = torch.empty(16, 64, dtype=torch.float16)
     decode[(1,)](codes, out, D=64)
     assert torch.equal(out, codes.half())
+
+
+def test_tq4_decoder_is_exact_for_every_code():
+    """The kernels decode tq4 codes a word (8 codes) at a time: every one of the 16 codes at every nibble of a word,
+    back in channel order, as the fp16 centroid times the row's scale."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode(codes_ptr, scale_ptr, out_ptr, D: tl.constexpr):
+        rows = tl.arange(0, 16)
+        even, odd = kv._tq4_halves(codes_ptr, scale_ptr, rows, rows < 16, D)
+        channels = tl.reshape(tl.join(even, odd), (16, D))
+        tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], channels)
+
+    channel = torch.arange(16 * 64).reshape(16, 64)
+    code = (channel + channel // 8 * 3) % 16  # nibble i of the 128 words: every code
+    packed = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
+    scale = torch.tensor([1.0, 0.5, -2.0, 0.25] * 4, dtype=torch.float16)
+    out = torch.empty(16, 64, dtype=torch.float16)
+    decode[(1,)](packed, scale, out, D=64)
+    mse = kv.TurboQuantMSE(64, 0, DEVICE)
+    assert torch.equal(out, mse.centroids.half()[code] * scale[:, None])
+
+
+def run_ptx(ptx: str, inputs: dict[str, int]) -> dict[str, int]:
+    """The b32 PTX subset the decoders' inline assembly uses (mov, and, or, xor, shl, shr, prmt in its default mode),
+    run on Python ints: the GPU-only path checked on any machine. -> every register, halves of {lo, hi} pairs too."""
+    def prmt(a, b, sel):
+        pool, out = a | (b << 32), 0
+        for i in range(4):
+            nib = (sel >> 4 * i) & 15
+            byte = (pool >> 8 * (nib & 7)) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << 8 * i  # bit 3: replicate the sign
+        return out
+
+    ops = {"mov": lambda a: a, "and": lambda a, b: a & b, "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b,
+           "shl": lambda a, b: (a << b) & 0xFFFFFFFF, "shr": lambda a, b: a >> b, "prmt": prmt}
+    regs = dict(inputs)
+    for stmt in ptx.strip().removeprefix("{").removesuffix("}").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        assert op.endswith(".b32"), stmt
+        if args.startswith("{"):  # mov.b32 {low, high}, pair
+            halves, src = args[1:].split("}, ")
+            low, high = (h.strip() for h in halves.split(","))
+            regs[low], regs[high] = regs[src] & 0xFFFF, regs[src] >> 16
+            continue
+        dst, *srcs = (a.strip() for a in args.split(","))
+        regs[dst] = ops[op.removesuffix(".b32")](*(regs[a] if a in regs else int(a, 0) for a in srcs))
+    return regs
+
+
+def test_tq4_decode_ptx_gives_each_codes_fp16_centroid():
+    table = torch.tensor(kv.gaussian_lloyd_max(16)[8:], dtype=torch.float16)
+    table = torch.cat((table, -table)).view(torch.int16).int() & 0xFFFF  # fp16 bits by code
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF, 0x89ABCDEF]
+    channels = (0, 2, 1, 3, 4, 6, 5, 7)  # output k holds this nibble: an fp16 register pair holds 2 channels of a half
+    for w in words:
+        regs = run_ptx(kv.TQ4_DECODE_PTX.value, {"$8": w})
+        assert [regs[f"${k}"] for k in range(8)] == [int(table[(w >> 4 * c) & 15]) for c in channels], hex(w)
+
+
+def test_int8_decode_ptx_gives_fp16_of_1152_plus_each_code():
+    for w in torch.randint(0, 2 ** 32, (2000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist():
+        regs = run_ptx(kv.INT8_DECODE_PTX.value, {"$4": w})
+        codes = [((w >> 8 * k) & 0xFF) ^ 0x80 for k in (0, 2, 1, 3)]  # the signed code plus 128, even channels first
+        want = torch.tensor([1024.0 + c for c in codes], dtype=torch.float16).view(torch.int16).int() & 0xFFFF
+        assert [regs[f"${k}"] for k in range(4)] == want.tolist(), hex(w)
 
 
 def test_sign_table_rows_are_the_unpacked_nibbles():
