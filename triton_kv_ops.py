@@ -67,7 +67,7 @@ class KVConfig:
     group_size: int = 32  # channels sharing one fp16 scale
     qjl_dim: int = 32  # sketch bits of each key's residual (m): 32 keeps qjl at 0.297x bf16's bytes
     value_bits: int = 4  # value codes for the QJL backends (4 or 8)
-    recent_exact_tokens: int = 8  # qjl_recentk: newest keys kept exact
+    recent_exact_tokens: int = 8  # newest entries kept exact: tq4's keys and values, qjl_recentk's keys
     seed: int = 0
 
 
@@ -179,6 +179,8 @@ def split_qkv(qkv: Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int) -
 
 class KVCache:
     """Base: buffers, lengths and a masked softmax over the whole buffer (O(capacity), the reference)."""
+
+    recent, recent_values = 0, False  # entries kept exact besides the codes (RecentExactMixin)
 
     def __init__(self, batch: int, num_kv_heads: int, num_q_heads: int, capacity: int, head_dim: int,
                  device, dtype: torch.dtype, cfg: KVConfig = KVConfig(), layer: int = 0):
@@ -383,11 +385,75 @@ def tq4_unpack(codes: Tensor) -> Tensor:
     return torch.stack(((codes & 15).long(), (codes >> 4).long()), -1).reshape(*codes.shape[:-1], -1)
 
 
-class TQ4Cache(KVCache):
+class RecentExactMixin:
+    """A cache over a rotated-basis coder (`mse`) whose newest KV_RECENT_EXACT_TOKENS entries per row are also kept
+    exact, in that basis (where the query is), in a ring by position: keys, and values too where `recent_values`.
+    Each slot's position tells which entries are recent, and attention takes those exact. A trained model puts most
+    of its attention on the newest few tokens, so their codes carry most of a 4-bit cache's error (on a trained
+    artifact tq4 costs +0.0035 bpb, and +0.00003 with its 16 newest entries exact). 0 tokens keeps nothing."""
+
+    recent_values = False
+
+    @property
+    def recent(self) -> int:
+        return self.cfg.recent_exact_tokens
+
+    def allocate(self):
+        super().allocate()
+        if self.recent == 0:
+            return
+        ring = lambda: torch.zeros(self.batch, self.heads, self.recent, self.head_dim, dtype=self.dtype,  # noqa: E731
+                                   device=self.device)
+        self.buffers["k_recent"] = self.k_recent = ring()
+        if self.recent_values:
+            self.buffers["v_recent"] = self.v_recent = ring()
+        self.buffers["slot_pos"] = self.slot_pos = torch.zeros(self.batch, self.capacity, dtype=torch.int32,
+                                                               device=self.device)
+        self.buffers["newest"] = self.newest = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
+
+    def append(self, k, v, positions):
+        super().append(k, v, positions)
+        if self.recent == 0:
+            return
+        active, pos = positions >= 0, positions.clamp_min(0)
+        put_rows(self.k_recent, pos % self.recent, active, k.float() @ self.mse.rotation)
+        if self.recent_values:
+            put_rows(self.v_recent, pos % self.recent, active, v.float() @ self.mse.rotation)
+        put_rows(self.slot_pos[:, None], pos % self.capacity, active, pos[:, None])
+        self.newest.copy_(torch.where(active, pos, self.newest))
+
+    def is_recent(self) -> Tensor:
+        """(B, capacity): the slots holding one of their row's newest entries."""
+        return (self.newest[:, None] - self.slot_pos) < self.recent
+
+    def from_ring(self, ring: Tensor) -> Tensor:
+        """A ring (B, Hkv, R, D) read at each slot's position (B, Hkv, capacity, D) fp32."""
+        idx = (self.slot_pos.long() % self.recent)[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        return ring.float().gather(2, idx)
+
+    def scores(self, q):
+        if self.recent == 0:
+            return super().scores(q)
+        exact = torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, self.from_ring(self.k_recent))
+        return torch.where(self.is_recent()[:, None, None, :], exact, super().scores(q))
+
+    def values(self):
+        if self.recent == 0 or not self.recent_values:
+            return super().values()
+        exact = self.from_ring(self.v_recent) @ self.mse.rotation.T
+        return torch.where(self.is_recent()[:, None, :, None], exact, super().values())
+
+    def bytes_per_token(self):
+        """The codes', plus each slot's int32 position and the rings spread over the capacity."""
+        if self.recent == 0:
+            return super().bytes_per_token()
+        ring = self.heads * self.recent * self.head_dim * torch.finfo(self.dtype).bits // 8 * (1 + self.recent_values)
+        return super().bytes_per_token() + 4 + -(-ring // self.capacity)
+
+
+class TurboQuantCache(KVCache):
     """Keys and values coded by TurboQuantMSE (4 bits a coordinate); scores are taken in the rotated basis (the
     query rotated once), and values decode there and rotate back."""
-
-    name = "tq4"
 
     def allocate(self):
         self.mse = TurboQuantMSE.for_cache(self)
@@ -411,6 +477,14 @@ class TQ4Cache(KVCache):
 
     def bytes_per_token(self):
         return 2 * self.heads * (self.head_dim // 2 + 2)
+
+
+class TQ4Cache(RecentExactMixin, TurboQuantCache):
+    """TurboQuant's codes for keys and values, and the newest KV_RECENT_EXACT_TOKENS keys and values kept exact
+    (0: TurboQuant alone)."""
+
+    name = "tq4"
+    recent_values = True
 
 
 class QJLCache(KVCache):
@@ -463,33 +537,10 @@ class QJLCache(KVCache):
         return self.heads * (self.head_dim // 2 + 2 + self.cfg.qjl_dim // 8 + 2 + value_bytes)
 
 
-class QJLRecentKCache(QJLCache):
-    """qjl, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly from a small ring of keys kept
-    in the rotated basis (where the query already is); each slot's position tells which entries are recent."""
+class QJLRecentKCache(RecentExactMixin, QJLCache):
+    """qjl, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly (RecentExactMixin)."""
 
     name = "qjl_recentk"
-
-    def allocate(self):
-        super().allocate()
-        b, r = self.batch, self.cfg.recent_exact_tokens
-        self.buffers["k_recent"] = self.k_recent = torch.zeros(b, self.heads, r, self.head_dim, dtype=self.dtype,
-                                                               device=self.device)
-        self.buffers["slot_pos"] = self.slot_pos = torch.zeros(b, self.capacity, dtype=torch.int32, device=self.device)
-        self.buffers["newest"] = self.newest = torch.zeros(b, dtype=torch.int32, device=self.device)
-
-    def append(self, k, v, positions):
-        super().append(k, v, positions)
-        active, pos = positions >= 0, positions.clamp_min(0)
-        put_rows(self.k_recent, pos % self.cfg.recent_exact_tokens, active, k.float() @ self.mse.rotation)
-        put_rows(self.slot_pos[:, None], pos % self.capacity, active, pos[:, None])
-        self.newest.copy_(torch.where(active, pos, self.newest))
-
-    def scores(self, q):
-        r = self.cfg.recent_exact_tokens
-        exact = torch.einsum("bhgd,bhrd->bhgr", q @ self.mse.rotation, self.k_recent.float())
-        idx = (self.slot_pos.long() % r)[:, None, None, :].expand(-1, self.heads, q.shape[2], -1)
-        recent = (self.newest[:, None] - self.slot_pos) < r
-        return torch.where(recent[:, None, None, :], exact.gather(-1, idx), super().scores(q))
 
 
 # -----------------------------------------------------------------------------
@@ -584,19 +635,19 @@ if triton is not None:
 
     @triton.jit
     def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
-                         kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, slot_pos_ptr, newest_ptr, vq_ptr, vs_ptr,
-                         sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
+                         kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, slot_pos_ptr, newest_ptr,
+                         vq_ptr, vs_ptr, sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
                          row_stride, CAP, eps, PROLOGUE: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr,
                          HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, KEY: tl.constexpr,
                          VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
-                         RECENT: tl.constexpr):
+                         RECENT: tl.constexpr, RECENT_VALUES: tl.constexpr):
         """Program (row, group of HG KV heads): code the row's new K and V of those heads, write them at slot
         position % CAP, and set the row's filled length. x holds the H keys, or with PROLOGUE the row's fused QKV
         projection: then the group's query heads and keys are RMS-normed and rotated at the row's position first,
         and the query heads, scaled by their gains, are stored to q_out in the form the attention kernel takes
         (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
-        sketched residual and its norm; with RECENT, the rotated key also goes to a ring of the RECENT newest
-        keys, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation
+        sketched residual and its norm. With RECENT, the rotated key (and with RECENT_VALUES the rotated value)
+        also goes to a ring of the RECENT newest, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation
         matrix is loaded once per program and applied by a tensor-core dot. A row whose position is negative is
         inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
@@ -633,12 +684,12 @@ if triton is not None:
             tl.store(kbits_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
             tl.store(krnorm_ptr + entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
-            if RECENT > 0:
-                recent = (b * H + k_head) * RECENT + tl.maximum(pos, 0) % RECENT
-                tl.store(krecent_ptr + recent[:, None] * D + offs[None, :], x.to(krecent_ptr.dtype.element_ty),
-                         mask=is_key[:, None])
         else:
             _store_codes(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key, KEY, GROUP)
+        if RECENT > 0:
+            ring = (b * H + k_head) * RECENT + tl.maximum(pos, 0) % RECENT
+            tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], x.to(krecent_ptr.dtype.element_ty),
+                     mask=is_key[:, None])
         if PROLOGUE:
             tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
                      mask=is_query[:, None])
@@ -649,6 +700,10 @@ if triton is not None:
         if VALUE == "tq4":
             v = _rotate(v, rot_signs_ptr, hadamard_ptr)
         v_live = in_group & (v_head * 0 + pos >= 0)
+        if RECENT_VALUES:
+            ring = (b * H + v_head) * RECENT + tl.maximum(pos, 0) % RECENT
+            tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], v.to(vrecent_ptr.dtype.element_ty),
+                     mask=v_live[:, None])
         _store_codes(v, vq_ptr, vs_ptr, codebook_ptr, (b * H + v_head) * CAP + slot, v_live, VALUE, GROUP)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
         if RECENT > 0:
@@ -853,17 +908,33 @@ if triton is not None:
         return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
-    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, slot_pos_ptr, newest_ptr, vq_ptr,
-                       vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr, H,
-                       CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr, D: tl.constexpr,
-                       GROUP: tl.constexpr, M: tl.constexpr, RECENT: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd):
+        """A block's scores s (BLOCK_H, N), log2 units, -inf where masked, and its values' even and odd halves (N,
+        D // 2) folded into the running max, sum and output halves; a block with every entry masked changes nothing."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        p16 = p.to(tl.float16)
+        acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even.to(tl.float16))
+        acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd.to(tl.float16))
+        return m_new, l_i * alpha + tl.sum(p, axis=1), acc_even, acc_odd
+
+    @triton.jit
+    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, slot_pos_ptr, newest_ptr,
+                       vq_ptr, vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr,
+                       H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr,
+                       D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, RECENT: tl.constexpr,
+                       RECENT_VALUES: tl.constexpr, BLOCK_RECENT: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
         """Program (row, KV head, split): online softmax over its slice of the filled length for all G query
         heads of that KV head. With one split it writes the output; otherwise it writes its partial output
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
         them (flash decoding in one launch). tq4 and qjl keys: q arrives in the rotated basis (qjl sketches it
         here, once per program); tq4 values: the output leaves in that basis (the caller rotates it back).
-        RECENT: entries among the row's RECENT newest positions are scored exactly from the ring of rotated keys."""
+        RECENT: the row's RECENT newest entries leave the coded loop; split 0 takes them in one more block, keys
+        exact from the ring of rotated keys, values from the ring of rotated values with RECENT_VALUES (else as
+        coded)."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         length = tl.load(len_ptr + b)
         start = sp * CHUNK
@@ -886,28 +957,36 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
         acc_odd = tl.zeros((BLOCK_H, D // 2), tl.float32)
+        newest = 0
+        if RECENT > 0:
+            newest = tl.load(newest_ptr + b)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
+            if RECENT > 0:  # the ring's entries: exact, after the loop
+                nmask &= newest - tl.load(slot_pos_ptr + b * CAP + offs_n, mask=nmask, other=0) >= RECENT
             entry = (b * H + h) * CAP + offs_n
             s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, KEY,
                             D, GROUP, M) * log2_scale
-            if RECENT > 0:
-                slot_pos = tl.load(slot_pos_ptr + b * CAP + offs_n, mask=nmask, other=0)
-                recent = nmask & (tl.load(newest_ptr + b) - slot_pos < RECENT)
-                ring = (b * H + h) * RECENT + slot_pos % RECENT
-                k_exact = tl.load(krecent_ptr + ring[:, None] * D + offs_d[None, :], mask=recent[:, None], other=0)
-                s = tl.where(recent[None, :], tl.dot(q16, tl.trans(k_exact.to(tl.float16))) * log2_scale, s)
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
             v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE, D, GROUP)
-            p16 = p.to(tl.float16)
-            acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even.to(tl.float16))
-            acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd.to(tl.float16))
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+            m_i, l_i, acc_even, acc_odd = _softmax_step(tl.where(nmask[None, :], s, float("-inf")), v_even, v_odd,
+                                                        m_i, l_i, acc_even, acc_odd)
+        if RECENT > 0:
+            if sp == 0:
+                j = tl.arange(0, BLOCK_RECENT)  # ring slot j: position p, if p's cache slot still holds p
+                p = newest - ((newest - j) % RECENT + RECENT) % RECENT
+                slot = tl.maximum(p, 0) % CAP
+                candidate = (j < RECENT) & (p >= 0) & (slot < length)
+                live = candidate & (tl.load(slot_pos_ptr + b * CAP + slot, mask=candidate, other=-1) == p)
+                ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
+                k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
+                s = tl.where(live[None, :], tl.dot(q16, tl.trans(k)) * log2_scale, float("-inf"))
+                if RECENT_VALUES:
+                    v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
+                else:
+                    entry = (b * H + h) * CAP + slot
+                    v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, live, VALUE, D, GROUP)
+                m_i, l_i, acc_even, acc_odd = _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
         filled = l_i > 0
         l_safe = tl.where(filled, l_i, 1.0)
         denom = l_safe[:, None]
@@ -955,9 +1034,10 @@ class KernelCodes(NamedTuple):
     key_scale: Tensor  # int8: per group; tq4 and qjl: per vector
     key_bits: Tensor  # qjl: sign bits of the sketched residual
     key_rnorm: Tensor  # qjl: the residual's norm, fp16
-    recent_keys: Tensor  # qjl_recentk: the ring of the newest keys, rotated (B, Hkv, R, D)
-    slot_pos: Tensor  # qjl_recentk: each slot's position (B, capacity) int32
-    newest: Tensor  # qjl_recentk: each row's newest position (B,) int32
+    recent_keys: Tensor  # RecentExactMixin: the ring of the newest keys, rotated (B, Hkv, R, D)
+    recent_values: Tensor  # RecentExactMixin with recent_values: the ring of the newest values, rotated
+    slot_pos: Tensor  # RecentExactMixin: each slot's position (B, capacity) int32
+    newest: Tensor  # RecentExactMixin: each row's newest position (B,) int32
     value: Tensor
     value_scale: Tensor
 
@@ -996,10 +1076,17 @@ class TritonAttendMixin:
     # row's heads in the bandwidth regime, so a sketch or rotation loads once per row).
     settings: Launch | None = None
     write_group: int | None = None
-    recent = 0  # newest keys scored exactly (qjl_recentk)
 
     def codes(self) -> KernelCodes:
         raise NotImplementedError
+
+    def kernel_codes(self) -> KernelCodes:
+        """codes(), with the rings of the newest entries where the backend keeps them (RecentExactMixin)."""
+        codes = self.codes()
+        if self.recent == 0:
+            return codes
+        return codes._replace(recent_keys=self.k_recent, slot_pos=self.slot_pos, newest=self.newest,
+                              **({"recent_values": self.v_recent} if self.recent_values else {}))
 
     def tables(self) -> KernelTables:
         any_tensor = self.lengths
@@ -1037,13 +1124,13 @@ class TritonAttendMixin:
         t = self.tables()
         _kv_write_kernel[(self.batch, self.heads // group)](
             x, v, query_tensor(x if q is None else q), positions, positions.stride(0), self.lengths,
-            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.codes(), t.sketch,
+            x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.kernel_codes(), t.sketch,
             t.rot_signs, t.hadamard, t.codebook,
             x.stride(0), self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads,
             H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)),
             BLOCK_V=max(16 if self.value_codec == "tq4" else 1, triton.next_power_of_2(group)), KEY=self.key_codec,
             VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim, RECENT=self.recent,
-            num_warps=self.write_warps)
+            RECENT_VALUES=self.recent_values and self.recent > 0, num_warps=self.write_warps)
 
     def append(self, k, v, positions):
         b = self.batch
@@ -1061,10 +1148,11 @@ class TritonAttendMixin:
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         t = self.tables()
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            query_tensor(q), *self.codes(), t.sketch, t.sign_table, self.lengths,
+            query_tensor(q), *self.kernel_codes(), t.sketch, t.sign_table, self.lengths,
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
-            M=self.cfg.qjl_dim, RECENT=self.recent, BLOCK_H=max(16, triton.next_power_of_2(g)),
+            M=self.cfg.qjl_dim, RECENT=self.recent, RECENT_VALUES=self.recent_values and self.recent > 0,
+            BLOCK_RECENT=max(16, triton.next_power_of_2(self.recent)), BLOCK_H=max(16, triton.next_power_of_2(g)),
             BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.max_registers)
         return out
@@ -1133,17 +1221,13 @@ class QJLTritonCache(RotatedAttendMixin, QJLCache):
 
 class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
     name = "qjl_recentk_triton"
-    recent = property(lambda self: self.cfg.recent_exact_tokens)
-
-    def codes(self):
-        return super().codes()._replace(recent_keys=self.k_recent, slot_pos=self.slot_pos, newest=self.newest)
 
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Swept on one H200 (108 settings): the best at 1024x1024 and within 0.4% of the best at 16384x64; no setting
-    # moved tq4 by more than 2% (its table decode, not the memory, bounds it)
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 2, 4, None)}
+    # Bandwidth regime swept on one H200 with the byte-permute decoder (108 settings): the best at 1024x1024
+    # (208.5 us, 5.6% ahead of the setting before) and at 16384x64 (218.8 us, 4.0% ahead)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 4, 128)}
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)

@@ -199,21 +199,23 @@ def run_ptx(ptx: str, inputs: dict[str, int]) -> dict[str, int]:
 
 
 def test_tq4_decode_ptx_gives_each_codes_fp16_centroid():
-    table = torch.tensor(kv.gaussian_lloyd_max(16)[8:], dtype=torch.float16)
-    table = torch.cat((table, -table)).view(torch.int16).int() & 0xFFFF  # fp16 bits by code
+    table = torch.tensor(kv.gaussian_lloyd_max(16)[8:], dtype=torch.float16, device="cpu")
+    table = (torch.cat((table, -table)).view(torch.int16).int() & 0xFFFF).tolist()  # fp16 bits by code
     gen = torch.Generator().manual_seed(0)
-    words = torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF, 0x89ABCDEF]
+    words = torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64, device="cpu").tolist()
+    words += [0, 0xFFFFFFFF, 0x89ABCDEF]
     channels = (0, 2, 1, 3, 4, 6, 5, 7)  # output k holds this nibble: an fp16 register pair holds 2 channels of a half
     for w in words:
         regs = run_ptx(kv.TQ4_DECODE_PTX.value, {"$8": w})
-        assert [regs[f"${k}"] for k in range(8)] == [int(table[(w >> 4 * c) & 15]) for c in channels], hex(w)
+        assert [regs[f"${k}"] for k in range(8)] == [table[(w >> 4 * c) & 15] for c in channels], hex(w)
 
 
 def test_int8_decode_ptx_gives_fp16_of_1152_plus_each_code():
-    for w in torch.randint(0, 2 ** 32, (2000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist():
+    gen = torch.Generator().manual_seed(0)
+    for w in torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64, device="cpu").tolist():
         regs = run_ptx(kv.INT8_DECODE_PTX.value, {"$4": w})
         codes = [((w >> 8 * k) & 0xFF) ^ 0x80 for k in (0, 2, 1, 3)]  # the signed code plus 128, even channels first
-        want = torch.tensor([1024.0 + c for c in codes], dtype=torch.float16).view(torch.int16).int() & 0xFFFF
+        want = torch.tensor([1024.0 + c for c in codes], dtype=torch.float16, device="cpu").view(torch.int16).int() & 0xFFFF
         assert [regs[f"${k}"] for k in range(4)] == want.tolist(), hex(w)
 
 
@@ -259,21 +261,47 @@ def test_bytes_per_token_against_bf16():
     bf16 = kv.make_kv_cache("bf16", *shape, torch.bfloat16).bytes_per_token()
     int8 = kv.make_kv_cache("int8", *shape, torch.bfloat16).bytes_per_token()
     qjl = kv.make_kv_cache("qjl", *shape, torch.bfloat16).bytes_per_token()
-    tq4 = kv.make_kv_cache("tq4", *shape, torch.bfloat16)
     assert bf16 == 2 * 4 * 64 * 2 and int8 / bf16 == pytest.approx(0.53, abs=0.005)
     assert qjl == 4 * (32 + 2 + 4 + 2 + 32 + 4) and qjl / bf16 <= 0.30  # the issue's bound
-    assert tq4.bytes_per_token() == sum(t[0, :, 0].numel() * t.element_size() for t in tq4.buffers.values())
-    assert tq4.bytes_per_token() / bf16 == pytest.approx(0.266, abs=0.001)  # the issue's bound: 0.28
+    for recent in (0, 8):  # TurboQuant's codes alone; and with the rings of the 8 newest keys and values
+        cfg = kv.KVConfig(recent_exact_tokens=recent)
+        tq4 = kv.make_kv_cache("tq4", 1, 4, 8, 1024, 64, DEVICE, torch.bfloat16, cfg)  # the eval's capacity
+        per_slot = sum(t.numel() * t.element_size() for name, t in tq4.buffers.items()
+                       if name not in ("k_recent", "v_recent", "newest")) // 1024  # codes, scales, slot positions
+        rings = sum(tq4.buffers[name].numel() * 2 for name in ("k_recent", "v_recent") if recent)  # bf16, a row's
+        assert tq4.bytes_per_token() == per_slot + rings // 1024
+        assert tq4.bytes_per_token() / bf16 == pytest.approx((0.266, 0.277)[recent > 0], abs=0.001)  # bound: 0.28
 
 
-def test_recent_keys_are_exact():
+@pytest.mark.parametrize("name", ["qjl_recentk", "tq4"])
+def test_recent_entries_are_exact(name):
+    """The 4 newest keys (qjl_recentk) or keys and values (tq4) are exact; the older ones are coded."""
     cfg = kv.KVConfig(qjl_dim=64, value_bits=8, recent_exact_tokens=4)
     exact = filled("bf16", [10], 1, 2, 64, 16, cfg, seed=2)
-    recent = filled("qjl_recentk", [10], 1, 2, 64, 16, cfg, seed=2)
+    recent = filled(name, [10], 1, 2, 64, 16, cfg, seed=2)
     q = torch.randn(1, 1, 2, 64)
     s_exact, s_recent = exact.scores(q), recent.scores(q)
-    torch.testing.assert_close(s_recent[..., 6:10], s_exact[..., 6:10])
+    torch.testing.assert_close(s_recent[..., 6:10], s_exact[..., 6:10], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(s_recent[..., :6], s_exact[..., :6])
+    v_exact, v_recent = exact.values()[:, :, :10], recent.values()[:, :, :10]
+    assert torch.allclose(v_recent[:, :, 6:], v_exact[:, :, 6:], atol=1e-5) == (name == "tq4")
+    assert not torch.allclose(v_recent[:, :, :6], v_exact[:, :, :6])
+
+
+@pytest.mark.parametrize("recent", [0, 3, 16])
+def test_tq4_triton_ring_of_newest_entries_attends_as_its_reference(recent):
+    """tq4_triton without an exact ring (TurboQuant alone), with an odd ring and with a ring of a whole block, over
+    rows that wrap the cache's capacity, stay shorter than the ring, and go inactive."""
+    cfg = kv.KVConfig(recent_exact_tokens=recent, seed=4)
+    torch.manual_seed(5)
+    ref = kv.make_kv_cache("tq4", 3, 2, 4, 40, 64, DEVICE, torch.float32, cfg)
+    fast = kv.make_kv_cache("tq4_triton", 3, 2, 4, 40, 64, DEVICE, torch.float32, cfg)
+    for t in range(50):
+        k, v, pos = torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([t, min(t, 2), t if t < 45 else -1])
+        ref.append(k, v, pos)
+        fast.append(k, v, pos)
+    q = torch.randn(3, 4, 64)
+    torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
 
 
 def test_unknown_backend_lists_the_valid_ones():
@@ -303,7 +331,7 @@ def test_gaussian_lloyd_max_meets_its_conditions():
     cell_mean = (pdf(edges[:-1]) - pdf(edges[1:])) / mass
     torch.testing.assert_close(c, cell_mean, rtol=0, atol=1e-6)
     assert torch.equal(c, -c.flip(0)) or torch.allclose(c, -c.flip(0), atol=1e-9)
-    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu").to(DEVICE)
     mse = float(((x - c[torch.bucketize(x, edges[1:-1])]) ** 2).mean())
     assert mse == pytest.approx(0.009497, rel=0.01)
 
@@ -325,16 +353,15 @@ def test_tq4_distortion_holds_with_an_outlier_channel():
     unrotated coordinates with the same codebook costs far more."""
     cache = kv.make_kv_cache("tq4", 1, 1, 1, 8, 64, DEVICE, torch.float32)
     gen = torch.Generator().manual_seed(1)
-    plain = torch.randn(4096, 64, generator=gen)
+    plain = torch.randn(4096, 64, generator=gen, device="cpu").to(DEVICE)
     outlier = plain.clone()
     outlier[:, 3] *= 30
     for x in (plain, outlier):
         y = cache.mse.decode_rotated(*cache.mse.encode(x)) @ cache.mse.rotation.T
         rel = float(((y - x) ** 2).sum() / (x ** 2).sum())
         assert 0.006 < rel < 0.013, rel
-    u = outlier / outlier.norm(dim=-1, keepdim=True) * 8
-    unrotated = cache.mse.centroids[torch.bucketize(u, cache.mse.bounds)] * 8
-    assert float(((unrotated - u) ** 2).sum() / (u ** 2).sum()) > 0.05
+    unrotated = cache.mse.decode_rotated(*cache.mse.encode_rotated(outlier))  # the channels coded as they are
+    assert float(((unrotated - outlier) ** 2).sum() / (outlier ** 2).sum()) > 0.05
 
 
 @pytest.mark.parametrize("name", TRITON_BACKENDS)
@@ -400,7 +427,8 @@ def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     spec.loader.exec_module(sens)
     names = sens.variants(2, ["keys"])
     assert names == ["tq4_kv", "tq4_keys", "tq4_values", "tq4_keys_layer0", "tq4_keys_layer1"]
-    make = lambda name, layer: kv.make_kv_cache(name, 2, 2, 4, 32, 64, DEVICE, torch.float32, kv.KVConfig(), layer)  # noqa: E731
+    codes_alone = kv.KVConfig(recent_exact_tokens=0)  # the variants code every entry: tq4 without its exact ring
+    make = lambda name, layer: kv.make_kv_cache(name, 2, 2, 4, 32, 64, DEVICE, torch.float32, codes_alone, layer)  # noqa: E731
     ref, coded, elsewhere, exact = make("tq4", 1), make("tq4_kv", 1), make("tq4_keys_layer0", 1), make("bf16", 1)
     for t in range(40):  # past the ring's 32 entries
         k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
