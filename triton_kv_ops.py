@@ -32,7 +32,8 @@ fp16 table (not unpacked bit by bit) and scored against the sketched query by a 
 
 Adding a backend:
   1. a torch reference: a KVCache subclass with a `name`, its buffers (allocate), write, scores,
-     values and bytes_per_token, listed in TORCH_BACKENDS;
+     values and bytes_per_token, listed in TORCH_BACKENDS (RecentExactMixin in front of a rotated-basis
+     codec keeps its newest entries exact; the kernels take its rings by RECENT and RECENT_VALUES);
   2. if its codes are new to the kernels, a named codec: a branch in _store_codes (writing) and
      in _key_scores or _value_halves (reading); a codec the kernels do not know fails to compile;
   3. its Triton class: TritonAttendMixin over the reference, with `name`, `key_codec`,
@@ -647,9 +648,9 @@ if triton is not None:
         and the query heads, scaled by their gains, are stored to q_out in the form the attention kernel takes
         (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
         sketched residual and its norm. With RECENT, the rotated key (and with RECENT_VALUES the rotated value)
-        also goes to a ring of the RECENT newest, and the row's slot records its position. One tile holds the group's heads: a sketch or rotation
-        matrix is loaded once per program and applied by a tensor-core dot. A row whose position is negative is
-        inactive: nothing of it is written."""
+        also goes to a ring of the RECENT newest, and the row's slot records its position. One tile holds the
+        group's heads: a sketch or rotation matrix is loaded once per program and applied by a tensor-core dot.
+        A row whose position is negative is inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
         slot = tl.maximum(pos, 0) % CAP
@@ -805,7 +806,7 @@ if triton is not None:
             c = tl.inline_asm_elementwise(TQ4_DECODE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 8,
                                           is_pure=True, pack=1)
         scale = tl.load(s_ptr + entry, mask=nmask, other=0)[:, None]
-        # c[k] is channel 8w + k of word w: the even channels 8w, 8w + 2, ... are c[0], c[2], c[4], c[6]
+        # c holds channels 8w + 0, 2, 1, 3, 4, 6, 5, 7 of word w (the PTX's register pairs): the even ones c[0, 1, 4, 5]
         even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[1], c[5])), (N, D // 2))
         odd = tl.reshape(tl.join(tl.join(c[2], c[6]), tl.join(c[3], c[7])), (N, D // 2))
         return even * scale, odd * scale

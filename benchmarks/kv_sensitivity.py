@@ -2,13 +2,15 @@
 validation targets with tq4 coding keys and values, keys only, values only, and then keys (or values) of one
 layer at a time, each against the exact cache. The per-layer rows say which layers deserve more bits in a
 mixed allocation at the same average (a 3-bit code has about 3.6x the error of a 4-bit one, a 5-bit about 0.26x).
+--recent adds the codes with the R newest keys and values exact (tq4's ring), and with the R newest keys alone.
 
-Each variant is TQ4Cache's codec with every entry decoded once, when written, into an exact-layout buffer, so a
+Each variant is TurboQuant's codec with every entry decoded once, when written, into an exact-layout buffer, so a
 step costs what the exact cache costs (the torch reference decodes the whole cache every step); the variants are
 registered under their own names for the one AR eval driver. Runs on CUDA or, slowly, on the CPU (about two
 minutes a variant at the defaults on two cores).
 
     python benchmarks/kv_sensitivity.py --artifact final_model.polar.ptz --data-path DIR --per-layer keys
+    python benchmarks/kv_sensitivity.py --artifact final_model.int6.ptz --data-path DIR --per-layer none --recent 4,8,16
 """
 
 from __future__ import annotations
@@ -63,13 +65,23 @@ class RoundtripTQ4(kv.KVCache):
         return self.heads * sum(per_vector[self.layer_coded and c] for c in (self.code_keys, self.code_values))
 
 
-def variant(label: str, **settings) -> str:
-    kv.KV_BACKENDS[label] = type(label, (RoundtripTQ4,), {"name": label, **settings})
+class RoundtripRecent(kv.RecentExactMixin, RoundtripTQ4):
+    """Every entry through the codec, and the `recent` newest kept exact besides (keys, and values where
+    recent_values), as tq4's ring does."""
+
+    recent = 8
+
+
+def variant(label: str, base: type = RoundtripTQ4, **settings) -> str:
+    kv.KV_BACKENDS[label] = type(label, (base,), {"name": label, **settings})
     return label
 
 
-def variants(layers: int, per_layer: list[str]) -> list[str]:
+def variants(layers: int, per_layer: list[str], recent: list[int] = ()) -> list[str]:
     names = [variant("tq4_kv"), variant("tq4_keys", code_values=False), variant("tq4_values", code_keys=False)]
+    for r in recent:
+        names += [variant(f"tq4_kv_recent{r}", RoundtripRecent, recent=r, recent_values=True),
+                  variant(f"tq4_kv_recent{r}_keys", RoundtripRecent, recent=r)]
     for part in per_layer:
         other = {"keys": "code_values", "values": "code_keys"}[part]
         names += [variant(f"tq4_{part}_layer{i}", layers=(i,), **{other: False}) for i in range(layers)]
@@ -84,6 +96,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16_384, help="validation targets scored per variant")
     p.add_argument("--batch", type=int, default=16, help="ring rows")
     p.add_argument("--per-layer", default="keys", help="keys, values, both (keys,values) or none")
+    p.add_argument("--recent", default="", help="comma-separated ring sizes: the R newest entries exact besides")
     p.add_argument("--out", type=Path, default=Path("kv_sensitivity.json"))
     a = p.parse_args()
     per_layer = [] if a.per_layer == "none" else a.per_layer.split(",")
@@ -98,7 +111,10 @@ def main() -> None:
                                tokenizer_path=a.tokenizer, kv_eval_batch=a.batch, kv_eval_cuda_graph=False)
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
-    rows = ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer), a.tokens, device)
+    recent = [int(r) for r in a.recent.split(",") if r]
+    if any(r < 1 for r in recent):
+        p.error(f"--recent takes ring sizes of at least 1, not {a.recent}")
+    rows = ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer, recent), a.tokens, device)
     a.out.write_text(json.dumps(rows, indent=2))
 
 
