@@ -427,21 +427,21 @@ class RecentExactMixin:
         """(B, capacity): the slots holding one of their row's newest entries."""
         return (self.newest[:, None] - self.slot_pos) < self.recent
 
-    def from_ring(self, ring: Tensor) -> Tensor:
-        """A ring (B, Hkv, R, D) read at each slot's position (B, Hkv, capacity, D) fp32."""
-        idx = (self.slot_pos.long() % self.recent)[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
-        return ring.float().gather(2, idx)
+    def at_slots(self, ring: Tensor) -> Tensor:
+        """Per-ring-entry rows (B, Hkv, ..., R) read at each slot's position (B, Hkv, ..., capacity)."""
+        idx = (self.slot_pos.long() % self.recent)[:, None, None, :].expand(*ring.shape[:-1], -1)
+        return ring.gather(-1, idx)
 
     def scores(self, q):
         if self.recent == 0:
             return super().scores(q)
-        exact = torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, self.from_ring(self.k_recent))
-        return torch.where(self.is_recent()[:, None, None, :], exact, super().scores(q))
+        exact = torch.einsum("bhgd,bhrd->bhgr", q @ self.mse.rotation, self.k_recent.float())
+        return torch.where(self.is_recent()[:, None, None, :], self.at_slots(exact), super().scores(q))
 
     def values(self):
         if self.recent == 0 or not self.recent_values:
             return super().values()
-        exact = self.from_ring(self.v_recent) @ self.mse.rotation.T
+        exact = self.at_slots((self.v_recent.float() @ self.mse.rotation.T).transpose(2, 3)).transpose(2, 3)
         return torch.where(self.is_recent()[:, None, :, None], exact, super().values())
 
     def bytes_per_token(self):
