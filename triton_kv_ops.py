@@ -331,6 +331,11 @@ def gaussian_lloyd_max(levels: int) -> tuple[float, ...]:
     raise RuntimeError(f"Lloyd's iteration for {levels} levels did not converge")
 
 
+def tq4_magnitudes() -> tuple[float, ...]:
+    """tq4's 8 magnitudes: the positive half of N(0, 1)'s 16-level Lloyd-Max codebook, ascending."""
+    return gaussian_lloyd_max(16)[8:]
+
+
 def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(signs (D,) fp32, H (D, D) fp16 +-1, rotation (D, D) fp32 = diag(signs) H / sqrt(D)): x -> x @ rotation is
     orthogonal, and spreads any channel's outlier over all coordinates."""
@@ -353,7 +358,7 @@ class TurboQuantMSE:
 
     def __init__(self, head_dim: int, seed: int, device):
         self.signs, self.hadamard, self.rotation = randomized_hadamard(head_dim, seed, device)
-        magnitudes = torch.tensor(gaussian_lloyd_max(16)[8:], dtype=torch.float32)  # the positive half, ascending
+        magnitudes = torch.tensor(tq4_magnitudes(), dtype=torch.float32)
         self.centroids = torch.cat((magnitudes, -magnitudes)).to(device)  # by code
         self.bounds = ((magnitudes[1:] + magnitudes[:-1]) / 2).to(device)  # between consecutive magnitudes
         self.codebook = torch.cat((self.centroids, self.bounds))  # as the write kernel takes it
@@ -388,16 +393,20 @@ def tq4_unpack(codes: Tensor) -> Tensor:
 
 class RecentExactMixin:
     """A cache over a rotated-basis coder (`mse`) whose newest KV_RECENT_EXACT_TOKENS entries per row are also kept
-    exact, in that basis (where the query is), in a ring by position: keys, and values too where `recent_values`.
+    exact, in that basis (where the query is), in a ring by position: keys, and values too where `ring_values`.
     Each slot's position tells which entries are recent, and attention takes those exact. A trained model puts most
     of its attention on the newest few tokens, so their codes carry most of a 4-bit cache's error (on a trained
     artifact tq4 costs +0.0035 bpb, and +0.00003 with its 16 newest entries exact). 0 tokens keeps nothing."""
 
-    recent_values = False
+    ring_values = False  # the values' ring too, not only the keys'
 
     @property
     def recent(self) -> int:
         return self.cfg.recent_exact_tokens
+
+    @property
+    def recent_values(self) -> bool:
+        return self.ring_values and self.recent > 0
 
     def allocate(self):
         super().allocate()
@@ -439,7 +448,7 @@ class RecentExactMixin:
         return torch.where(self.is_recent()[:, None, None, :], self.at_slots(exact), super().scores(q))
 
     def values(self):
-        if self.recent == 0 or not self.recent_values:
+        if not self.recent_values:
             return super().values()
         exact = self.at_slots((self.v_recent.float() @ self.mse.rotation.T).transpose(2, 3)).transpose(2, 3)
         return torch.where(self.is_recent()[:, None, :, None], exact, super().values())
@@ -485,7 +494,7 @@ class TQ4Cache(RecentExactMixin, TurboQuantCache):
     (0: TurboQuant alone)."""
 
     name = "tq4"
-    recent_values = True
+    ring_values = True
 
 
 class QJLCache(KVCache):
@@ -753,7 +762,7 @@ if triton is not None:
     def _tq4_byte_tables() -> tuple[int, int, int, int]:
         """The fp16 bit patterns of tq4's 8 magnitudes as byte-permute tables: the low bytes of magnitudes 0-3 and
         4-7, then their high bytes, byte i of a word for magnitude i (mod 4); as signed int32 values (Triton's)."""
-        bits = torch.tensor(gaussian_lloyd_max(16)[8:], dtype=torch.float16).view(torch.int16).int() & 0xFFFF
+        bits = torch.tensor(tq4_magnitudes(), dtype=torch.float16).view(torch.int16).int() & 0xFFFF
         packed = [sum(int(v) << (8 * i) for i, v in enumerate(b.tolist()))
                   for b in (bits[:4] & 255, bits[4:] & 255, bits[:4] >> 8, bits[4:] >> 8)]
         return tuple(w - (1 << 32) if w >> 31 else w for w in packed)
@@ -1036,7 +1045,7 @@ class KernelCodes(NamedTuple):
     key_bits: Tensor  # qjl: sign bits of the sketched residual
     key_rnorm: Tensor  # qjl: the residual's norm, fp16
     recent_keys: Tensor  # RecentExactMixin: the ring of the newest keys, rotated (B, Hkv, R, D)
-    recent_values: Tensor  # RecentExactMixin with recent_values: the ring of the newest values, rotated
+    recent_values: Tensor  # RecentExactMixin with ring_values: the ring of the newest values, rotated
     slot_pos: Tensor  # RecentExactMixin: each slot's position (B, capacity) int32
     newest: Tensor  # RecentExactMixin: each row's newest position (B,) int32
     value: Tensor
@@ -1131,7 +1140,7 @@ class TritonAttendMixin:
             H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)),
             BLOCK_V=max(16 if self.value_codec == "tq4" else 1, triton.next_power_of_2(group)), KEY=self.key_codec,
             VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim, RECENT=self.recent,
-            RECENT_VALUES=self.recent_values and self.recent > 0, num_warps=self.write_warps)
+            RECENT_VALUES=self.recent_values, num_warps=self.write_warps)
 
     def append(self, k, v, positions):
         b = self.batch
@@ -1152,7 +1161,7 @@ class TritonAttendMixin:
             query_tensor(q), *self.kernel_codes(), t.sketch, t.sign_table, self.lengths,
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
-            M=self.cfg.qjl_dim, RECENT=self.recent, RECENT_VALUES=self.recent_values and self.recent > 0,
+            M=self.cfg.qjl_dim, RECENT=self.recent, RECENT_VALUES=self.recent_values,
             BLOCK_RECENT=max(16, triton.next_power_of_2(self.recent)), BLOCK_H=max(16, triton.next_power_of_2(g)),
             BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.max_registers)

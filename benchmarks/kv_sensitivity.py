@@ -67,9 +67,7 @@ class RoundtripTQ4(kv.KVCache):
 
 class RoundtripRecent(kv.RecentExactMixin, RoundtripTQ4):
     """Every entry through the codec, and the `recent` newest kept exact besides (keys, and values where
-    recent_values), as tq4's ring does."""
-
-    recent = 8
+    ring_values), as tq4's ring does."""
 
 
 def variant(label: str, base: type = RoundtripTQ4, **settings) -> str:
@@ -80,7 +78,7 @@ def variant(label: str, base: type = RoundtripTQ4, **settings) -> str:
 def variants(layers: int, per_layer: list[str], recent: list[int] = ()) -> list[str]:
     names = [variant("tq4_kv"), variant("tq4_keys", code_values=False), variant("tq4_values", code_keys=False)]
     for r in recent:
-        names += [variant(f"tq4_kv_recent{r}", RoundtripRecent, recent=r, recent_values=True),
+        names += [variant(f"tq4_kv_recent{r}", RoundtripRecent, recent=r, ring_values=True),
                   variant(f"tq4_kv_recent{r}_keys", RoundtripRecent, recent=r)]
     for part in per_layer:
         other = {"keys": "code_values", "values": "code_keys"}[part]

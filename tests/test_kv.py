@@ -199,7 +199,7 @@ def run_ptx(ptx: str, inputs: dict[str, int]) -> dict[str, int]:
 
 
 def test_tq4_decode_ptx_gives_each_codes_fp16_centroid():
-    table = torch.tensor(kv.gaussian_lloyd_max(16)[8:], dtype=torch.float16, device="cpu")
+    table = torch.tensor(kv.tq4_magnitudes(), dtype=torch.float16, device="cpu")
     table = (torch.cat((table, -table)).view(torch.int16).int() & 0xFFFF).tolist()  # fp16 bits by code
     gen = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64, device="cpu").tolist()
