@@ -109,6 +109,7 @@ class Hyperparameters:
     int_rotate: bool = False  # int: code each row after a seeded randomized Hadamard rotation
     polar_bits: str = "4,3,3,3,4"
     polar_embed_bits: str = "5,4,4,4,5"
+    polar_kind_bits: str = ""  # polar bits of some matrix kinds, e.g. attn.c_v=5,4,4,4,5/attn.c_q=3,3,3,3,3
     quant_seed: int = 20240520  # the rotations' seed
     compressor: str = "zlib"  # zlib | lzma
     codec_compare: str = ""  # space-separated codec specs (see CodecSettings.spec) to export and rescore the same weights with
@@ -124,7 +125,7 @@ class Hyperparameters:
     kv_group_size: int = 32
     kv_qjl_dim: int = 32
     kv_value_bits: int = 4
-    kv_recent_exact_tokens: int = 8
+    kv_recent_exact_tokens: str = "auto"  # newest entries kept exact: auto (tq4 8, qjl_recentk 6) or a count
     kv_seed: int = 0
 
     CHOICES = {
@@ -162,7 +163,7 @@ class Hyperparameters:
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("warmup_steps", "warmdown_iters", "val_loss_every", "train_log_every", "val_max_tokens",
                      "grad_accum_steps", "kv_eval_max_tokens", "kv_eval_compare_tokens", "kv_eval_context_len",
-                     "eval_stride", "kv_recent_exact_tokens", "muon_momentum_warmup_steps"):
+                     "eval_stride", "muon_momentum_warmup_steps"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.max_wallclock_seconds >= 0, "max_wallclock_seconds", "must be >= 0 (0 disables the cap)")
         need(0.0 <= self.qat_start_frac <= 1.0, "qat_start_frac", "must be in [0, 1]")
@@ -172,6 +173,8 @@ class Hyperparameters:
              f"MODEL_DIM={self.model_dim} / NUM_HEADS must be an even head_dim for RoPE")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
+        need(self.kv_recent_exact_tokens == "auto" or self.kv_recent_exact_tokens.isdigit(), "kv_recent_exact_tokens",
+             "must be auto (each backend's own ring) or a count >= 0 (0: none)")
         need(self.kv_qjl_dim in (32, 64, 128, 256), "kv_qjl_dim", "must be 32, 64, 128 or 256 (the kernels' sketch tiles)")
         need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
         for name in ("int_bits", "int_embed_bits"):
@@ -182,6 +185,10 @@ class Hyperparameters:
             except ValueError:
                 bits = ()
             need(bool(bits) and all(1 <= b <= 8 for b in bits), name, "must be comma-separated bits in 1..8, e.g. 4,3,3,2")
+        try:
+            parse_kind_bits(self.polar_kind_bits)
+        except ValueError as e:
+            raise ValueError(f"POLAR_KIND_BITS={self.polar_kind_bits!r}: {e}") from None
         for spec in self.codec_compare.split():
             try:
                 CodecSettings.parse(spec, self.quant_seed)
@@ -223,7 +230,8 @@ class Hyperparameters:
         group never spans more than one head."""
         cache = kv.KVConfig(group_size=min(self.kv_group_size, self.model_dim // self.num_heads),
                             qjl_dim=self.kv_qjl_dim, value_bits=self.kv_value_bits,
-                            recent_exact_tokens=self.kv_recent_exact_tokens, seed=self.kv_seed)
+                            recent_exact_tokens=None if self.kv_recent_exact_tokens == "auto"
+                            else int(self.kv_recent_exact_tokens), seed=self.kv_seed)
         return kv.AREvalSettings(self.kv_quant_backend, tuple(self.compare_backends), self.kv_eval_batch,
                                  self.kv_eval_context_len or self.train_seq_len, self.train_seq_len,
                                  self.kv_eval_cuda_graph, cache)
@@ -234,7 +242,7 @@ class Hyperparameters:
             return CodecSettings("int", (self.int_bits,), (self.int_embed_bits,), self.int_rotate, self.quant_seed)
         if scheme == "polar":
             return CodecSettings("polar", parse_polar_bits(self.polar_bits), parse_polar_bits(self.polar_embed_bits),
-                                 True, self.quant_seed)
+                                 True, self.quant_seed, parse_kind_bits(self.polar_kind_bits))
         return CodecSettings(scheme)
 
     def model_config(self) -> dict:
@@ -255,6 +263,27 @@ def _parse_env_value(raw: str, kind: str):
 
 def parse_polar_bits(spec: str) -> tuple[int, ...]:
     return tuple(int(b) for b in spec.split(",") if b.strip())
+
+
+MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")  # each block's matrices
+
+
+def parse_kind_bits(spec: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """'attn.c_v=5,4,4,4,5/attn.c_q=3,3,3,3,3' -> ((kind, polar bits), ...); '' -> ()."""
+    out = []
+    for item in filter(None, spec.split("/")):
+        kind, _, bits = item.partition("=")
+        try:
+            levels = parse_polar_bits(bits)
+        except ValueError:
+            levels = ()
+        if kind not in MATRIX_KINDS or not levels or not all(1 <= b <= 8 for b in levels):
+            raise ValueError(f"{item!r}: expected KIND=BITS, KIND one of {', '.join(MATRIX_KINDS)}, BITS comma-separated "
+                             f"in 1..8 (e.g. attn.c_v=5,4,4,4,5)")
+        out.append((kind, levels))
+    if len({kind for kind, _ in out}) < len(out):
+        raise ValueError(f"{spec!r} names a matrix kind twice")
+    return tuple(out)
 
 
 # -----------------------------------------------------------------------------
@@ -752,15 +781,23 @@ def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tup
 class CodecSettings:
     """How every quantized matrix is coded, built once and stored in the artifact, so reading one back needs
     nothing from the trainer's config. bits: int's k, or polar's bits per level; embed_bits: the same for the
-    tied embedding (its rows are also the output head, so it gets its own)."""
+    tied embedding (its rows are also the output head, so it gets its own); kind_bits: polar's bits for the
+    matrix kinds (MATRIX_KINDS) that differ from `bits` (post hoc on the int6 stand-in artifact, a bit per weight
+    bought back 7x as much on attn.c_v as on attn.c_q)."""
     scheme: str  # int8 | int | polar
     bits: tuple[int, ...] = ()
     embed_bits: tuple[int, ...] = ()
     rotate: bool = False
     seed: int = 0
+    kind_bits: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def bits_of(self, name: str) -> tuple[int, ...]:
+        if name == "tok_emb.weight":
+            return self.embed_bits
+        return next((bits for kind, bits in self.kind_bits if name.endswith(f".{kind}.weight")), self.bits)
 
     def codec(self, name: str):
-        bits = self.embed_bits if name == "tok_emb.weight" else self.bits
+        bits = self.bits_of(name)
         if self.scheme == "int8":
             return Int8RowCodec()
         if self.scheme == "int":
@@ -775,11 +812,12 @@ class CodecSettings:
         return f"int{self.bits[0]}{'r' if self.rotate else ''}" if self.scheme == "int" else self.scheme
 
     def spec(self) -> str:
-        """The settings as CODEC_COMPARE takes them: int8 | int:K:EMBED_K[:rot] | polar:BITS:EMBED_BITS."""
+        """The settings as CODEC_COMPARE takes them: int8 | int:K:EMBED_K[:rot] | polar:BITS:EMBED_BITS[:KIND_BITS]."""
         if self.scheme == "int8":
             return "int8"
         parts = [self.scheme, ",".join(map(str, self.bits)), ",".join(map(str, self.embed_bits))]
-        return ":".join(parts + (["rot"] if self.scheme == "int" and self.rotate else []))
+        kinds = "/".join(f"{kind}={','.join(map(str, bits))}" for kind, bits in self.kind_bits)
+        return ":".join(parts + (["rot"] if self.scheme == "int" and self.rotate else []) + ([kinds] if kinds else []))
 
     @classmethod
     def parse(cls, spec: str, seed: int) -> "CodecSettings":
@@ -789,22 +827,24 @@ class CodecSettings:
                 return cls("int8")
             bits, embed = parse_polar_bits(parts[1]), parse_polar_bits(parts[2])
             rotate = parts[3:] == ["rot"]
+            kinds = parse_kind_bits(parts[3]) if parts[0] == "polar" and len(parts) == 4 else ()
             ok = (parts[0] == "int" and len(bits) == len(embed) == 1 and all(2 <= b <= 8 for b in bits + embed)
-                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) == 3 and
+                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) in (3, 4) and
                                                       all(1 <= b <= 8 for b in bits + embed))
         except (IndexError, ValueError):
             ok = False
         if not ok or not bits or not embed:
             raise ValueError(f"codec {spec!r}: expected int8, int:K:EMBED_K[:rot] (K in 2..8) or "
-                             f"polar:BITS:EMBED_BITS (e.g. polar:4,3,3,3,4:5,4,4,4,5)")
-        return cls(parts[0], bits, embed, rotate or parts[0] == "polar", seed)
+                             f"polar:BITS:EMBED_BITS[:KIND=BITS/...] (e.g. polar:4,3,3,3,4:5,4,4,4,5:attn.c_v=5,4,4,4,5)")
+        return cls(parts[0], bits, embed, rotate or parts[0] == "polar", seed, kinds)
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_meta(cls, meta: dict) -> "CodecSettings":
-        return cls(meta["scheme"], tuple(meta["bits"]), tuple(meta["embed_bits"]), bool(meta["rotate"]), int(meta["seed"]))
+        return cls(meta["scheme"], tuple(meta["bits"]), tuple(meta["embed_bits"]), bool(meta["rotate"]), int(meta["seed"]),
+                   tuple((kind, tuple(bits)) for kind, bits in meta.get("kind_bits", ())))  # none before kind_bits
 
 
 def state_hash(state: dict[str, Tensor]) -> str:

@@ -68,7 +68,7 @@ class KVConfig:
     group_size: int = 32  # channels sharing one fp16 scale
     qjl_dim: int = 32  # sketch bits of each key's residual (m): 32 keeps qjl at 0.297x bf16's bytes
     value_bits: int = 4  # value codes for the QJL backends (4 or 8)
-    recent_exact_tokens: int = 8  # newest entries kept exact: tq4's keys and values, qjl_recentk's keys
+    recent_exact_tokens: int | None = None  # newest entries kept exact (None: the backend's own; 0: none)
     seed: int = 0
 
 
@@ -394,15 +394,17 @@ def tq4_unpack(codes: Tensor) -> Tensor:
 class RecentExactMixin:
     """A cache over a rotated-basis coder (`mse`) whose newest KV_RECENT_EXACT_TOKENS entries per row are also kept
     exact, in that basis (where the query is), in a ring by position: keys, and values too where `ring_values`.
-    Each slot's position tells which entries are recent, and attention takes those exact. A trained model puts most
-    of its attention on the newest few tokens, so their codes carry most of a 4-bit cache's error (on a trained
-    artifact tq4 costs +0.0035 bpb, and +0.00003 with its 16 newest entries exact). 0 tokens keeps nothing."""
+    A row's positions run on by one from 0 (a repeat rewrites the newest), as the eval's plans feed them, so the
+    slots written in the last R steps hold the recent entries, and attention takes those exact. A trained model
+    puts most of its attention on the newest few tokens, so their codes carry most of a 4-bit cache's error (on a
+    trained artifact tq4 costs +0.0035 bpb, and +0.00003 with its 16 newest entries exact). 0 keeps nothing."""
 
     ring_values = False  # the values' ring too, not only the keys'
+    default_recent: int  # the ring's entries unless KV_RECENT_EXACT_TOKENS says otherwise
 
     @property
     def recent(self) -> int:
-        return self.cfg.recent_exact_tokens
+        return self.default_recent if self.cfg.recent_exact_tokens is None else self.cfg.recent_exact_tokens
 
     @property
     def recent_values(self) -> bool:
@@ -417,8 +419,6 @@ class RecentExactMixin:
         self.buffers["k_recent"] = self.k_recent = ring()
         if self.recent_values:
             self.buffers["v_recent"] = self.v_recent = ring()
-        self.buffers["slot_pos"] = self.slot_pos = torch.zeros(self.batch, self.capacity, dtype=torch.int32,
-                                                               device=self.device)
         self.buffers["newest"] = self.newest = torch.zeros(self.batch, dtype=torch.int32, device=self.device)
 
     def append(self, k, v, positions):
@@ -429,16 +429,21 @@ class RecentExactMixin:
         put_rows(self.k_recent, pos % self.recent, active, k.float() @ self.mse.rotation)
         if self.recent_values:
             put_rows(self.v_recent, pos % self.recent, active, v.float() @ self.mse.rotation)
-        put_rows(self.slot_pos[:, None], pos % self.capacity, active, pos[:, None])
         self.newest.copy_(torch.where(active, pos, self.newest))
+
+    def ages(self) -> Tensor:
+        """(B, capacity): the steps since each slot was written, its row's newest slot being 0."""
+        slots = torch.arange(self.capacity, device=self.device)
+        return (self.newest[:, None].long() % self.capacity - slots) % self.capacity
 
     def is_recent(self) -> Tensor:
         """(B, capacity): the slots holding one of their row's newest entries."""
-        return (self.newest[:, None] - self.slot_pos) < self.recent
+        return self.ages() < self.recent
 
     def at_slots(self, ring: Tensor) -> Tensor:
         """Per-ring-entry rows (B, Hkv, ..., R) read at each slot's position (B, Hkv, ..., capacity)."""
-        idx = (self.slot_pos.long() % self.recent)[:, None, None, :].expand(*ring.shape[:-1], -1)
+        positions = self.newest[:, None].long() - self.ages()
+        idx = (positions % self.recent)[:, None, None, :].expand(*ring.shape[:-1], -1)
         return ring.gather(-1, idx)
 
     def scores(self, q):
@@ -454,11 +459,9 @@ class RecentExactMixin:
         return torch.where(self.is_recent()[:, None, :, None], exact, super().values())
 
     def bytes_per_token(self):
-        """The codes', plus each slot's int32 position and the rings spread over the capacity."""
-        if self.recent == 0:
-            return super().bytes_per_token()
+        """The codes', plus the rings spread over the capacity."""
         ring = self.heads * self.recent * self.head_dim * torch.finfo(self.dtype).bits // 8 * (1 + self.recent_values)
-        return super().bytes_per_token() + 4 + -(-ring // self.capacity)
+        return super().bytes_per_token() + -(-ring // self.capacity)
 
 
 class TurboQuantCache(KVCache):
@@ -491,10 +494,11 @@ class TurboQuantCache(KVCache):
 
 class TQ4Cache(RecentExactMixin, TurboQuantCache):
     """TurboQuant's codes for keys and values, and the newest KV_RECENT_EXACT_TOKENS keys and values kept exact
-    (0: TurboQuant alone)."""
+    (0: TurboQuant alone). 8 by default: +0.00062 bpb at 0.273x bf16's bytes on the int6 stand-in artifact (ring
+    eval, 262,144 targets; +0.00461 at 0.266x alone); 14 is the most that stays under 0.28x."""
 
     name = "tq4"
-    ring_values = True
+    ring_values, default_recent = True, 8
 
 
 class QJLCache(KVCache):
@@ -548,9 +552,11 @@ class QJLCache(KVCache):
 
 
 class QJLRecentKCache(RecentExactMixin, QJLCache):
-    """qjl, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly (RecentExactMixin)."""
+    """qjl, except the newest KV_RECENT_EXACT_TOKENS keys, which are scored exactly (RecentExactMixin). 6 by
+    default, the most that keeps it within the QJL backends' 0.30x bf16's bytes (0.2998x; +0.00680 bpb on the int6
+    stand-in artifact, ring eval, 262,144 targets; 8 gave +0.00625 at 0.3008x)."""
 
-    name = "qjl_recentk"
+    name, default_recent = "qjl_recentk", 6
 
 
 # -----------------------------------------------------------------------------
@@ -645,7 +651,7 @@ if triton is not None:
 
     @triton.jit
     def _kv_write_kernel(x_ptr, v_ptr, q_out_ptr, pos_ptr, pos_stride, len_ptr, inv_freq_ptr, gain_ptr,
-                         kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, slot_pos_ptr, newest_ptr,
+                         kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr,
                          vq_ptr, vs_ptr, sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
                          row_stride, CAP, eps, PROLOGUE: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr,
                          HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, KEY: tl.constexpr,
@@ -657,7 +663,7 @@ if triton is not None:
         and the query heads, scaled by their gains, are stored to q_out in the form the attention kernel takes
         (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
         sketched residual and its norm. With RECENT, the rotated key (and with RECENT_VALUES the rotated value)
-        also goes to a ring of the RECENT newest, and the row's slot records its position. One tile holds the
+        also goes to a ring of the RECENT newest, and the row's newest position is kept. One tile holds the
         group's heads: a sketch or rotation matrix is loaded once per program and applied by a tensor-core dot.
         A row whose position is negative is inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
@@ -717,7 +723,6 @@ if triton is not None:
         _store_codes(v, vq_ptr, vs_ptr, codebook_ptr, (b * H + v_head) * CAP + slot, v_live, VALUE, GROUP)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
         if RECENT > 0:
-            tl.store(slot_pos_ptr + b * CAP + slot, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
             tl.store(newest_ptr + b, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
 
     FP16_1024 = tl.constexpr(0x6400)  # the fp16 bit pattern of 1024.0, whose low bits count by 1
@@ -931,8 +936,8 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc_even, acc_odd
 
     @triton.jit
-    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, slot_pos_ptr, newest_ptr,
-                       vq_ptr, vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr,
+    def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr, vq_ptr,
+                       vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr,
                        H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr,
                        D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, RECENT: tl.constexpr,
                        RECENT_VALUES: tl.constexpr, BLOCK_RECENT: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -942,13 +947,19 @@ if triton is not None:
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
         them (flash decoding in one launch). tq4 and qjl keys: q arrives in the rotated basis (qjl sketches it
         here, once per program); tq4 values: the output leaves in that basis (the caller rotates it back).
-        RECENT: the row's RECENT newest entries leave the coded loop; split 0 takes them in one more block, keys
-        exact from the ring of rotated keys, values from the ring of rotated values with RECENT_VALUES (else as
-        coded)."""
+        RECENT: the splits share the row's entries but its RECENT newest, oldest first (a row's positions run on by
+        one, so they are the filled slots from the one after the newest, wrapping); split 0 takes those newest in
+        one more block, keys exact from the ring of rotated keys, values from the ring of rotated values with
+        RECENT_VALUES (else as coded). Ordering the entries by age costs no mask: the loop just ends sooner."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         length = tl.load(len_ptr + b)
+        coded, oldest, newest = length, 0, 0
+        if RECENT > 0:
+            newest = tl.load(newest_ptr + b)
+            coded = tl.maximum(length - RECENT, 0)
+            oldest = ((newest + 1 - length) % CAP + CAP) % CAP  # the oldest filled entry's slot
         start = sp * CHUNK
-        end = tl.minimum(start + CHUNK, length)
+        end = tl.minimum(start + CHUNK, coded)
         offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, D)
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
@@ -967,15 +978,14 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
         acc_odd = tl.zeros((BLOCK_H, D // 2), tl.float32)
-        newest = 0
-        if RECENT > 0:
-            newest = tl.load(newest_ptr + b)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
-            if RECENT > 0:  # the ring's entries: exact, after the loop
-                nmask &= newest - tl.load(slot_pos_ptr + b * CAP + offs_n, mask=nmask, other=0) >= RECENT
-            entry = (b * H + h) * CAP + offs_n
+            slot = offs_n
+            if RECENT > 0:  # the entry offs_n steps after the oldest
+                slot = oldest + offs_n
+                slot = tl.where(slot >= CAP, slot - CAP, slot)
+            entry = (b * H + h) * CAP + slot
             s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, KEY,
                             D, GROUP, M) * log2_scale
             v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE, D, GROUP)
@@ -983,11 +993,10 @@ if triton is not None:
                                                         m_i, l_i, acc_even, acc_odd)
         if RECENT > 0:
             if sp == 0:
-                j = tl.arange(0, BLOCK_RECENT)  # ring slot j: position p, if p's cache slot still holds p
+                j = tl.arange(0, BLOCK_RECENT)  # ring slot j holds position p: live if p is a filled entry
                 p = newest - ((newest - j) % RECENT + RECENT) % RECENT
+                live = (j < RECENT) & (newest - p < length)
                 slot = tl.maximum(p, 0) % CAP
-                candidate = (j < RECENT) & (p >= 0) & (slot < length)
-                live = candidate & (tl.load(slot_pos_ptr + b * CAP + slot, mask=candidate, other=-1) == p)
                 ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
                 k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
                 s = tl.where(live[None, :], tl.dot(q16, tl.trans(k)) * log2_scale, float("-inf"))
@@ -1046,7 +1055,6 @@ class KernelCodes(NamedTuple):
     key_rnorm: Tensor  # qjl: the residual's norm, fp16
     recent_keys: Tensor  # RecentExactMixin: the ring of the newest keys, rotated (B, Hkv, R, D)
     recent_values: Tensor  # RecentExactMixin with ring_values: the ring of the newest values, rotated
-    slot_pos: Tensor  # RecentExactMixin: each slot's position (B, capacity) int32
     newest: Tensor  # RecentExactMixin: each row's newest position (B,) int32
     value: Tensor
     value_scale: Tensor
@@ -1095,7 +1103,7 @@ class TritonAttendMixin:
         codes = self.codes()
         if self.recent == 0:
             return codes
-        return codes._replace(recent_keys=self.k_recent, slot_pos=self.slot_pos, newest=self.newest,
+        return codes._replace(recent_keys=self.k_recent, newest=self.newest,
                               **({"recent_values": self.v_recent} if self.recent_values else {}))
 
     def tables(self) -> KernelTables:
@@ -1235,8 +1243,8 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 with the byte-permute decoder (108 settings): the best at 1024x1024
-    # (208.5 us, 5.6% ahead of the setting before) and at 16384x64 (218.8 us, 4.0% ahead)
+    # Bandwidth regime swept on one H200 (108 settings), again with the ring in age order: the best at 16384x64
+    # (215.1 us), 0.9% behind the best at 1024x1024 (64, 2, 3, 8, 128), within noise
     launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 4, 128)}
 
     def codes(self):

@@ -22,6 +22,8 @@ import train_gpt as tg
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3: must divide NUM_HEADS=8"),
     ({"QAT_START_FRAC": "1.5"}, "must be in [0, 1]"),
     ({"KV_VALUE_BITS": "3"}, "must be 4 or 8"),
+    ({"KV_RECENT_EXACT_TOKENS": "-1"}, "KV_RECENT_EXACT_TOKENS='-1': must be auto (each backend's own ring) or a count"),
+    ({"POLAR_KIND_BITS": "mlp.fc=4/mlp.fc=5"}, "names a matrix kind twice"),
 ])
 def test_invalid_env_values_are_rejected(env, message):
     with pytest.raises(ValueError) as e:

@@ -267,10 +267,25 @@ def test_bytes_per_token_against_bf16():
         cfg = kv.KVConfig(recent_exact_tokens=recent)
         tq4 = kv.make_kv_cache("tq4", 1, 4, 8, 1024, 64, DEVICE, torch.bfloat16, cfg)  # the eval's capacity
         per_slot = sum(t.numel() * t.element_size() for name, t in tq4.buffers.items()
-                       if name not in ("k_recent", "v_recent", "newest")) // 1024  # codes, scales, slot positions
+                       if name not in ("k_recent", "v_recent", "newest")) // 1024  # codes and scales
         rings = sum(tq4.buffers[name].numel() * 2 for name in ("k_recent", "v_recent") if recent)  # bf16, a row's
         assert tq4.bytes_per_token() == per_slot + rings // 1024
-        assert tq4.bytes_per_token() / bf16 == pytest.approx((0.266, 0.277)[recent > 0], abs=0.001)  # bound: 0.28
+        assert tq4.bytes_per_token() / bf16 == pytest.approx((0.266, 0.273)[recent > 0], abs=0.001)  # bound: 0.28
+    recentk = kv.make_kv_cache("qjl_recentk", 1, 4, 8, 1024, 64, DEVICE, torch.bfloat16)  # its own ring of 6 keys
+    assert recentk.bytes_per_token() == qjl + 4 * 6 * 64 * 2 // 1024 and recentk.bytes_per_token() / bf16 <= 0.30
+
+
+@pytest.mark.parametrize("name, own", [("tq4", 8), ("tq4_triton", 8), ("qjl_recentk", 6), ("qjl_recentk_triton", 6),
+                                       ("int8_triton", 0)])
+def test_each_backend_keeps_its_own_ring_unless_the_config_sets_one(name, own):
+    import train_gpt as tg
+
+    def ring(cfg):
+        return kv.make_kv_cache(name, 1, 2, 4, 32, 64, DEVICE, torch.float32, cfg).recent
+
+    settings = [tg.Hyperparameters.from_env(env).ar_eval_settings().cache
+                for env in ({}, {"KV_RECENT_EXACT_TOKENS": "3"}, {"KV_RECENT_EXACT_TOKENS": "0"})]
+    assert [ring(cfg) for cfg in settings] == ([own, 3, 0] if own else [0, 0, 0])
 
 
 @pytest.mark.parametrize("name", ["qjl_recentk", "tq4"])

@@ -136,6 +136,7 @@ def test_export_reload_in_a_fresh_process_is_bit_identical(tmp_path, spec, compr
 def test_qat_delta_reproduces_the_export(scheme):
     args, model = small_state()
     args.qat_scheme, args.int_bits, args.int_rotate = scheme, 5, True
+    args.polar_kind_bits = "attn.c_v=5,4/mlp.proj=2"  # polar: kinds with bits of their own, in QAT as at export
     qat = tg.QAT(model, args)
     qat.active = True
     qat.refresh()
@@ -248,18 +249,34 @@ def test_rotation_is_orthogonal():
     torch.testing.assert_close(eye @ eye.T, torch.eye(512), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int:6:8", "int:4:8:rot", "polar:4,3,3,3,4:5,4,4,4,5", "polar:3:3"])
+@pytest.mark.parametrize("spec", ["int8", "int:6:8", "int:4:8:rot", "polar:4,3,3,3,4:5,4,4,4,5", "polar:3:3",
+                                  "polar:4,3,3,3,4:5,4,4,4,5:attn.c_v=5,4,4,4,5/attn.c_q=3"])
 def test_codec_specs_round_trip(spec):
     codec = tg.CodecSettings.parse(spec, 11)
     assert codec.spec() == spec and tg.CodecSettings.from_meta(codec.to_meta()) == codec
 
 
-@pytest.mark.parametrize("spec", ["int9", "int:9:8", "int:6", "int:6:8:rotate", "polar:4,3", "fp4", "polar:0:4"])
+@pytest.mark.parametrize("spec", ["int9", "int:9:8", "int:6", "int:6:8:rotate", "polar:4,3", "fp4", "polar:0:4",
+                                  "polar:4:4:attn.c_x=4", "polar:4:4:attn.c_v=9", "polar:4:4:mlp.fc=4/mlp.fc=5",
+                                  "int:6:8:attn.c_v=8"])
 def test_bad_codec_specs_name_the_grammar(spec):
     with pytest.raises(ValueError, match=r"expected int8, int:K:EMBED_K\[:rot\]"):
         tg.CodecSettings.parse(spec, 0)
     with pytest.raises(ValueError, match="CODEC_COMPARE="):
         tg.Hyperparameters.from_env({"CODEC_COMPARE": f"int8 {spec}"})
+
+
+def test_kind_bits_pick_each_matrix_codec():
+    """POLAR_KIND_BITS gives the named kinds their own polar bits, in QAT and in the artifact; the rest keep POLAR_BITS,
+    the embedding POLAR_EMBED_BITS."""
+    a = tg.Hyperparameters.from_env({"POLAR_KIND_BITS": "attn.c_v=5,4,4,4,5/mlp.fc=3"})
+    codec = a.codec_settings("polar")
+    assert codec.kind_bits == (("attn.c_v", (5, 4, 4, 4, 5)), ("mlp.fc", (3,)))
+    assert [codec.codec(n).bits for n in ("blocks.3.attn.c_v.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight",
+                                          "blocks.1.attn.c_q.weight", "tok_emb.weight")] == [
+        (5, 4, 4, 4, 5), (3,), (4, 3, 3, 3, 4), (4, 3, 3, 3, 4), (5, 4, 4, 4, 5)]
+    with pytest.raises(ValueError, match="POLAR_KIND_BITS='attn.v=4': 'attn.v=4': expected KIND=BITS, KIND one of attn.c_q"):
+        tg.Hyperparameters.from_env({"POLAR_KIND_BITS": "attn.v=4"})
 
 
 def test_env_builds_the_codec_settings():

@@ -164,11 +164,13 @@ def test_model_matches_its_shape_contract():
 
 
 def test_two_rank_polar_qat_roundtrip_is_lossless(sample_shards, tmp_path):
-    """DDP + polar QAT from the first step + polar export: the reloaded artifact scores what training saw."""
+    """DDP + polar QAT from the first step + polar export, two matrix kinds at bits of their own: the reloaded artifact
+    scores what training saw."""
     out = run(tiny_env(sample_shards, tmp_path, MODEL_DIM=128, ITERATIONS=3, QAT_SCHEME="polar", QAT_START_FRAC=0,
-                       WEIGHT_QUANT_SCHEME="polar", GRAD_ACCUM_STEPS=1), nproc=2)
+                       WEIGHT_QUANT_SCHEME="polar", GRAD_ACCUM_STEPS=1, POLAR_KIND_BITS="attn.c_v=5,4/mlp.fc=3"), nproc=2)
     m = re.search(r"final_polar_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+) pre_roundtrip_val_bpb:(\S+)", out)
     assert "qat_start step:0 scheme:polar" in out and m
+    assert "export:polar:4,3,3,3,4:5,4,4,4,5:attn.c_v=5,4/mlp.fc=3 " in out
     assert abs(float(m.group(1)) - float(m.group(2))) < 1e-4
 
 
