@@ -99,6 +99,12 @@ def main() -> None:
     p.add_argument("--fitted", action="store_true", help="also the shipped bits with codebooks fitted to the artifact")
     p.add_argument("--out", type=Path, default=Path("polar_sensitivity.json"))
     a = p.parse_args()
+    try:  # before the artifact and the data load: bad bits fail at once, naming the grammar
+        base = tg.CodecSettings.parse(f"polar:{a.bits}:{a.embed_bits}", tg.Hyperparameters.from_env().quant_seed)
+        steps = tg.CodecSettings.parse(f"polar:{a.more}:{a.fewer}", 0)
+        mixes = [tg.parse_kind_bits(m) for m in a.mix]
+    except ValueError as e:
+        p.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, meta = tg.load_artifact(a.artifact)
     state = {k: v.to(device) for k, v in state.items()}
@@ -107,13 +113,6 @@ def main() -> None:
     val = tg.load_validation_tokens(args)[:a.windows * args.train_seq_len + 1]
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
     model = tg.build_model(meta["model"], device).float()
-    try:
-        base = tg.CodecSettings("polar", tg.parse_polar_bits(a.bits), tg.parse_polar_bits(a.embed_bits), True,
-                                args.quant_seed)
-        mixes = [tg.parse_kind_bits(m) for m in a.mix]
-        more, fewer = tg.parse_polar_bits(a.more), tg.parse_polar_bits(a.fewer)
-    except ValueError as e:
-        p.error(str(e))
 
     def score(weights: dict[str, torch.Tensor]) -> float:
         model.load_state_dict(weights)
@@ -122,7 +121,7 @@ def main() -> None:
     rows = [{"config": "artifact as stored", "bits_per_weight": None, "val_bpb": score(state)}]
     configs = [(base.spec(), base)]
     configs += [(f"{kind} at {','.join(map(str, bits))}", dataclasses.replace(base, kind_bits=((kind, bits),)))
-                for bits in (more, fewer) for kind in tg.MATRIX_KINDS]
+                for bits in (steps.bits, steps.embed_bits) for kind in tg.MATRIX_KINDS]
     configs += [(c.spec(), c) for c in (dataclasses.replace(base, kind_bits=kinds) for kinds in mixes)]
     for label, codec in configs:
         weights, bpw = polar_state(state, codec)
