@@ -159,7 +159,7 @@ class Hyperparameters:
             need(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "vocab_size", "num_layers", "model_dim",
                      "num_heads", "num_kv_heads", "mlp_mult", "val_batch_size", "kv_eval_batch", "kv_group_size",
-                     "kv_qjl_dim", "muon_backend_steps"):
+                     "muon_backend_steps"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("warmup_steps", "warmdown_iters", "val_loss_every", "train_log_every", "val_max_tokens",
                      "grad_accum_steps", "kv_eval_max_tokens", "kv_eval_compare_tokens", "kv_eval_context_len",
@@ -172,50 +172,23 @@ class Hyperparameters:
         need((self.model_dim // self.num_heads) % 2 == 0, "num_heads",
              f"MODEL_DIM={self.model_dim} / NUM_HEADS must be an even head_dim for RoPE")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
-        need(self.kv_value_bits in (4, 8), "kv_value_bits", "must be 4 or 8")
         need(self.kv_recent_exact_tokens == "auto" or self.kv_recent_exact_tokens.isdigit(), "kv_recent_exact_tokens",
              "must be auto (each backend's own ring) or a count >= 0 (0: none)")
-        need(self.kv_qjl_dim in (32, 64, 128, 256), "kv_qjl_dim", "must be 32, 64, 128 or 256 (the kernels' sketch tiles)")
         need((self.model_dim // self.num_heads) % self.kv_group_size == 0, "kv_group_size", "must divide head_dim")
         for name in ("int_bits", "int_embed_bits"):
             need(2 <= getattr(self, name) <= 8, name, "must be in 2..8")
-        for name in ("polar_bits", "polar_embed_bits"):
+        for name, parse in (("polar_bits", parse_polar_bits), ("polar_embed_bits", parse_polar_bits),
+                            ("polar_kind_bits", parse_kind_bits),
+                            ("codec_compare", lambda specs: [CodecSettings.parse(c, self.quant_seed) for c in specs.split()])):
             try:
-                bits = parse_polar_bits(getattr(self, name))
-            except ValueError:
-                bits = ()
-            need(bool(bits) and all(1 <= b <= 8 for b in bits), name, "must be comma-separated bits in 1..8, e.g. 4,3,3,2")
-        try:
-            parse_kind_bits(self.polar_kind_bits)
-        except ValueError as e:
-            raise ValueError(f"POLAR_KIND_BITS={self.polar_kind_bits!r}: {e}") from None
-        for spec in self.codec_compare.split():
-            try:
-                CodecSettings.parse(spec, self.quant_seed)
+                parse(getattr(self, name))
             except ValueError as e:
-                raise ValueError(f"CODEC_COMPARE={self.codec_compare!r}: {e}") from None
-        for var, name in self.named_backends():
-            if name not in kv.KV_BACKENDS and not (var == "KV_QUANT_BACKEND" and name == "auto"):
-                raise ValueError(f"{var}: KV backend {name!r} is unknown; valid backends: auto (KV_QUANT_BACKEND "
-                                 f"only), {', '.join(kv.KV_BACKENDS)}")
-
-    def named_backends(self) -> list[tuple[str, str]]:
-        return [("KV_QUANT_BACKEND", self.kv_quant_backend)] + [("KV_EVAL_COMPARE_BACKENDS", b)
-                                                                for b in self.compare_backends]
+                need(False, name, str(e))
+        self.ar_eval_settings()  # the KV cache's settings and backends check themselves (triton_kv_ops)
 
     def check_runs_on(self, device: torch.device) -> None:
-        """Resolves KV_QUANT_BACKEND=auto for the device and refuses, before any training, a backend that
-        cannot run there (a Triton backend on a CPU without the interpreter)."""
-        if self.kv_quant_backend == "auto":
-            self.kv_quant_backend = kv.default_backend(device)
-        for var, name in self.named_backends():
-            problem = kv.backend_problem(name, device)
-            if problem:
-                raise ValueError(f"{var}={name}: {problem}")
-
-    @property
-    def compare_backends(self) -> list[str]:
-        return [b for b in self.kv_eval_compare_backends.split(",") if b]
+        """Resolves KV_QUANT_BACKEND=auto for the device; refuses, before any training, one that cannot run there."""
+        self.kv_quant_backend = self.ar_eval_settings().for_device(device).backend
 
     @property
     def train_files(self) -> str:
@@ -226,15 +199,15 @@ class Hyperparameters:
         return os.path.join(self.data_path, "fineweb_val_*.bin")
 
     def ar_eval_settings(self) -> "kv.AREvalSettings":
-        """The AR evals' settings (after check_runs_on, which resolves KV_QUANT_BACKEND=auto); a KV quantizer
-        group never spans more than one head."""
+        """The AR evals' settings, checked there (after check_runs_on, which resolves KV_QUANT_BACKEND=auto); a KV
+        quantizer group never spans more than one head."""
         cache = kv.KVConfig(group_size=min(self.kv_group_size, self.model_dim // self.num_heads),
                             qjl_dim=self.kv_qjl_dim, value_bits=self.kv_value_bits,
                             recent_exact_tokens=None if self.kv_recent_exact_tokens == "auto"
                             else int(self.kv_recent_exact_tokens), seed=self.kv_seed)
-        return kv.AREvalSettings(self.kv_quant_backend, tuple(self.compare_backends), self.kv_eval_batch,
-                                 self.kv_eval_context_len or self.train_seq_len, self.train_seq_len,
-                                 self.kv_eval_cuda_graph, cache)
+        return kv.AREvalSettings(self.kv_quant_backend, tuple(b for b in self.kv_eval_compare_backends.split(",") if b),
+                                 self.kv_eval_batch, self.kv_eval_context_len or self.train_seq_len, self.train_seq_len,
+                                 self.kv_eval_cuda_graph, cache, self.kv_eval_max_tokens, self.kv_eval_compare_tokens)
 
     def codec_settings(self, scheme: str) -> "CodecSettings":
         """The weight codec's settings for `scheme` (QAT_SCHEME or WEIGHT_QUANT_SCHEME)."""
@@ -262,28 +235,29 @@ def _parse_env_value(raw: str, kind: str):
 
 
 def parse_polar_bits(spec: str) -> tuple[int, ...]:
-    return tuple(int(b) for b in spec.split(",") if b.strip())
+    """'4,3,3,2' -> (4, 3, 3, 2); ValueError unless one or more bit counts in 1..8."""
+    bits = tuple(int(b) if b.strip().isdigit() else 0 for b in spec.split(",") if b.strip())
+    if not bits or not all(1 <= b <= 8 for b in bits):
+        raise ValueError("must be comma-separated bits in 1..8, e.g. 4,3,3,2")
+    return bits
 
 
 MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")  # each block's matrices
 
 
 def parse_kind_bits(spec: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """'attn.c_v=5,4,4,4,5/attn.c_q=3,3,3,3,3' -> ((kind, polar bits), ...); '' -> ()."""
-    out = []
+    """'attn.c_v=5,4,4,4,5/attn.c_q=3,3,3,3,3' -> ((kind, polar bits), ...), each kind once; '' -> ()."""
+    out: dict[str, tuple[int, ...]] = {}
     for item in filter(None, spec.split("/")):
         kind, _, bits = item.partition("=")
+        if kind in out:
+            raise ValueError(f"{spec!r} names a matrix kind twice")
         try:
-            levels = parse_polar_bits(bits)
+            out[kind] = parse_polar_bits(bits if kind in MATRIX_KINDS else "")
         except ValueError:
-            levels = ()
-        if kind not in MATRIX_KINDS or not levels or not all(1 <= b <= 8 for b in levels):
             raise ValueError(f"{item!r}: expected KIND=BITS, KIND one of {', '.join(MATRIX_KINDS)}, BITS comma-separated "
-                             f"in 1..8 (e.g. attn.c_v=5,4,4,4,5)")
-        out.append((kind, levels))
-    if len({kind for kind, _ in out}) < len(out):
-        raise ValueError(f"{spec!r} names a matrix kind twice")
-    return tuple(out)
+                             f"in 1..8 (e.g. attn.c_v=5,4,4,4,5)") from None
+    return tuple(out.items())
 
 
 # -----------------------------------------------------------------------------
@@ -755,11 +729,6 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + idx, y - w, mask=mask)
 
 
-@lru_cache(maxsize=None)
-def hadamard_matrix(n: int, device: torch.device) -> Tensor:
-    return kv.fwht(torch.eye(n)).to(device)
-
-
 def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """out <- decode(encode(w)) - w in one launch; -> (every level's codes (rows, d - 1) uint8, radius (rows,) fp16)."""
     rows, cols = w.shape
@@ -771,8 +740,8 @@ def polar_fake_quant_triton(codec: PolarRowCodec, w: Tensor, out: Tensor) -> tup
     signs, cos, sin, ncodes = codec.tables(d, w.device)
     codes = torch.empty((rows, d - 1), dtype=torch.uint8, device=w.device)
     radius = torch.empty(rows, dtype=torch.float16, device=w.device)
-    _polar_fake_quant_kernel[(rows,)](w.contiguous(), out, codes, radius, signs, hadamard_matrix(a, w.device),
-                                      hadamard_matrix(b, w.device), cos, sin, ncodes, cols, A=a, B=b,
+    _polar_fake_quant_kernel[(rows,)](w.contiguous(), out, codes, radius, signs, kv.hadamard_matrix(a, w.device),
+                                      kv.hadamard_matrix(b, w.device), cos, sin, ncodes, cols, A=a, B=b,
                                       LEVELS=levels, KMAX=cos.shape[1], num_warps=4)
     return codes, radius
 
@@ -782,8 +751,7 @@ class CodecSettings:
     """How every quantized matrix is coded, built once and stored in the artifact, so reading one back needs
     nothing from the trainer's config. bits: int's k, or polar's bits per level; embed_bits: the same for the
     tied embedding (its rows are also the output head, so it gets its own); kind_bits: polar's bits for the
-    matrix kinds (MATRIX_KINDS) that differ from `bits` (post hoc on the int6 stand-in artifact, a bit per weight
-    bought back 7x as much on attn.c_v as on attn.c_q)."""
+    matrix kinds (MATRIX_KINDS) that differ from `bits`."""
     scheme: str  # int8 | int | polar
     bits: tuple[int, ...] = ()
     embed_bits: tuple[int, ...] = ()
@@ -828,12 +796,11 @@ class CodecSettings:
             bits, embed = parse_polar_bits(parts[1]), parse_polar_bits(parts[2])
             rotate = parts[3:] == ["rot"]
             kinds = parse_kind_bits(parts[3]) if parts[0] == "polar" and len(parts) == 4 else ()
-            ok = (parts[0] == "int" and len(bits) == len(embed) == 1 and all(2 <= b <= 8 for b in bits + embed)
-                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) in (3, 4) and
-                                                      all(1 <= b <= 8 for b in bits + embed))
+            ok = (parts[0] == "int" and len(bits) == len(embed) == 1 and min(bits + embed) >= 2
+                  and parts[3:] in ([], ["rot"])) or (parts[0] == "polar" and len(parts) in (3, 4))
         except (IndexError, ValueError):
             ok = False
-        if not ok or not bits or not embed:
+        if not ok:
             raise ValueError(f"codec {spec!r}: expected int8, int:K:EMBED_K[:rot] (K in 2..8) or "
                              f"polar:BITS:EMBED_BITS[:KIND=BITS/...] (e.g. polar:4,3,3,3,4:5,4,4,4,5:attn.c_v=5,4,4,4,5)")
         return cls(parts[0], bits, embed, rotate or parts[0] == "polar", seed, kinds)
@@ -1272,11 +1239,6 @@ def compare_codecs(args: Hyperparameters, trained: dict[str, Tensor], model: GPT
     return rows
 
 
-def token_prefix(tokens: Tensor, max_tokens: int) -> Tensor:
-    """The first max_tokens targets (0: all) and the token before each."""
-    return tokens if max_tokens <= 0 else tokens[:max_tokens + 1]
-
-
 # -----------------------------------------------------------------------------
 # main
 # -----------------------------------------------------------------------------
@@ -1507,8 +1469,8 @@ def main() -> None:
                "scheme": scheme, "codec": export_codec.spec(), "qat": args.qat_scheme, "state_hash": meta["state_hash"],
                "parameters": parameters, "bits_per_weight": 8 * model_bytes / parameters,
                "hparams": dataclasses.asdict(args), "codec_compare": codec_rows if args.codec_compare else []}
-    scored_tokens = token_prefix(val_tokens, args.kv_eval_max_tokens)
-    compare_tokens = token_prefix(scored_tokens, args.kv_eval_compare_tokens)
+    ar_settings = args.ar_eval_settings()
+    scored_tokens, compare_tokens = ar_settings.token_slices(val_tokens)
     t_ref = time.perf_counter()
     references = {"windows": eval_teacher_forced(args, ddp_model, d, compare_tokens, luts, val_seqs)}
     log(f"final_teacher_forced_windows tokens:{(compare_tokens.numel() - 1) // args.train_seq_len * args.train_seq_len} "
@@ -1524,7 +1486,7 @@ def main() -> None:
         dist.barrier()
         dist.destroy_process_group()
     if d.master:
-        summary["ar_eval"] = kv.final_ar_evals(args.ar_eval_settings(), model, scored_tokens, compare_tokens, references,
+        summary["ar_eval"] = kv.final_ar_evals(ar_settings, model, scored_tokens, compare_tokens, references,
                                                luts, d.device, log, phases)
         phases["total"] = time.perf_counter() - PROCESS_START
         log("phase_times " + " ".join(f"{k}:{v:.2f}s" for k, v in phases.items()))

@@ -48,7 +48,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -70,6 +70,15 @@ class KVConfig:
     value_bits: int = 4  # value codes for the QJL backends (4 or 8)
     recent_exact_tokens: int | None = None  # newest entries kept exact (None: the backend's own; 0: none)
     seed: int = 0
+
+    def __post_init__(self):
+        """Refuses settings the kernels cannot take, naming the environment variable that sets each."""
+        for name, ok, what in (("value_bits", self.value_bits in (4, 8), "must be 4 or 8"),
+                               ("qjl_dim", self.qjl_dim in (32, 64, 128, 256),
+                                "must be 32, 64, 128 or 256 (the kernels' sketch tiles)"),
+                               ("recent_exact_tokens", (self.recent_exact_tokens or 0) >= 0, "must be >= 0")):
+            if not ok:
+                raise ValueError(f"KV_{name.upper()}={getattr(self, name)!r}: {what}")
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +345,12 @@ def tq4_magnitudes() -> tuple[float, ...]:
     return gaussian_lloyd_max(16)[8:]
 
 
+@lru_cache(maxsize=None)
+def hadamard_matrix(n: int, device) -> Tensor:
+    """The n x n Hadamard matrix of +-1 (n a power of two), fp32: the layers' rotations here, the polar codec's."""
+    return fwht(torch.eye(n)).to(device)
+
+
 def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(signs (D,) fp32, H (D, D) fp16 +-1, rotation (D, D) fp32 = diag(signs) H / sqrt(D)): x -> x @ rotation is
     orthogonal, and spreads any channel's outlier over all coordinates."""
@@ -343,7 +358,7 @@ def randomized_hadamard(head_dim: int, seed: int, device) -> tuple[Tensor, Tenso
         raise ValueError(f"tq4 needs a power-of-two head_dim, not {head_dim}")
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (head_dim,), generator=gen, device="cpu").float() * 2 - 1
-    h = fwht(torch.eye(head_dim, device="cpu"))
+    h = hadamard_matrix(head_dim, "cpu")
     return signs.to(device), h.half().to(device), (signs[:, None] * h / math.sqrt(head_dim)).to(device)
 
 
@@ -431,32 +446,28 @@ class RecentExactMixin:
             put_rows(self.v_recent, pos % self.recent, active, v.float() @ self.mse.rotation)
         self.newest.copy_(torch.where(active, pos, self.newest))
 
-    def ages(self) -> Tensor:
-        """(B, capacity): the steps since each slot was written, its row's newest slot being 0."""
-        slots = torch.arange(self.capacity, device=self.device)
-        return (self.newest[:, None].long() % self.capacity - slots) % self.capacity
-
-    def is_recent(self) -> Tensor:
-        """(B, capacity): the slots holding one of their row's newest entries."""
-        return self.ages() < self.recent
-
-    def at_slots(self, ring: Tensor) -> Tensor:
-        """Per-ring-entry rows (B, Hkv, ..., R) read at each slot's position (B, Hkv, ..., capacity)."""
-        positions = self.newest[:, None].long() - self.ages()
-        idx = (positions % self.recent)[:, None, None, :].expand(*ring.shape[:-1], -1)
-        return ring.gather(-1, idx)
+    def ring_slots(self) -> tuple[Tensor, Tensor]:
+        """(B, capacity) each: whether a slot holds one of its row's newest entries, and the ring slot of its
+        position (a slot's age, the steps since it was written, gives that position)."""
+        newest = self.newest[:, None].long()
+        age = (newest % self.capacity - torch.arange(self.capacity, device=self.device)) % self.capacity
+        return age < self.recent, (newest - age) % self.recent
 
     def scores(self, q):
         if self.recent == 0:
             return super().scores(q)
+        recent, ring = self.ring_slots()
         exact = torch.einsum("bhgd,bhrd->bhgr", q @ self.mse.rotation, self.k_recent.float())
-        return torch.where(self.is_recent()[:, None, None, :], self.at_slots(exact), super().scores(q))
+        exact = exact.gather(-1, ring[:, None, None, :].expand(*exact.shape[:-1], -1))
+        return torch.where(recent[:, None, None, :], exact, super().scores(q))
 
     def values(self):
         if not self.recent_values:
             return super().values()
-        exact = self.at_slots((self.v_recent.float() @ self.mse.rotation.T).transpose(2, 3)).transpose(2, 3)
-        return torch.where(self.is_recent()[:, None, :, None], exact, super().values())
+        recent, ring = self.ring_slots()
+        exact = (self.v_recent.float() @ self.mse.rotation.T).gather(2, ring[:, None, :, None].expand(
+            -1, self.heads, -1, self.head_dim))
+        return torch.where(recent[:, None, :, None], exact, super().values())
 
     def bytes_per_token(self):
         """The codes', plus the rings spread over the capacity."""
@@ -669,6 +680,7 @@ if triton is not None:
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
         slot = tl.maximum(pos, 0) % CAP
+        ring_slot = tl.maximum(pos, 0) % RECENT if RECENT > 0 else 0
         G: tl.constexpr = HQ // H
         NQ: tl.constexpr = HG * G if PROLOGUE else 0  # the tile's rows: NQ query heads, then HG keys
         rows, offs = tl.arange(0, BLOCK_R), tl.arange(0, D)
@@ -703,7 +715,7 @@ if triton is not None:
         else:
             _store_codes(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key, KEY, GROUP)
         if RECENT > 0:
-            ring = (b * H + k_head) * RECENT + tl.maximum(pos, 0) % RECENT
+            ring = (b * H + k_head) * RECENT + ring_slot
             tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], x.to(krecent_ptr.dtype.element_ty),
                      mask=is_key[:, None])
         if PROLOGUE:
@@ -717,7 +729,7 @@ if triton is not None:
             v = _rotate(v, rot_signs_ptr, hadamard_ptr)
         v_live = in_group & (v_head * 0 + pos >= 0)
         if RECENT_VALUES:
-            ring = (b * H + v_head) * RECENT + tl.maximum(pos, 0) % RECENT
+            ring = (b * H + v_head) * RECENT + ring_slot
             tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], v.to(vrecent_ptr.dtype.element_ty),
                      mask=v_live[:, None])
         _store_codes(v, vq_ptr, vs_ptr, codebook_ptr, (b * H + v_head) * CAP + slot, v_live, VALUE, GROUP)
@@ -996,14 +1008,13 @@ if triton is not None:
                 j = tl.arange(0, BLOCK_RECENT)  # ring slot j holds position p: live if p is a filled entry
                 p = newest - ((newest - j) % RECENT + RECENT) % RECENT
                 live = (j < RECENT) & (newest - p < length)
-                slot = tl.maximum(p, 0) % CAP
                 ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
                 k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
                 s = tl.where(live[None, :], tl.dot(q16, tl.trans(k)) * log2_scale, float("-inf"))
                 if RECENT_VALUES:
                     v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
                 else:
-                    entry = (b * H + h) * CAP + slot
+                    entry = (b * H + h) * CAP + tl.maximum(p, 0) % CAP
                     v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, live, VALUE, D, GROUP)
                 m_i, l_i, acc_even, acc_odd = _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
         filled = l_i > 0
@@ -1504,6 +1515,35 @@ class AREvalSettings:
     window: int  # the teacher-forced windows that the windows check reproduces (TRAIN_SEQ_LEN)
     cuda_graph: bool
     cache: KVConfig
+    max_tokens: int = 0  # the scored eval's targets (KV_EVAL_MAX_TOKENS; 0: all)
+    compare_tokens: int = 0  # the exact reference's and the comparisons' targets, a prefix of those (0: all)
+
+    def token_slices(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(scored, compared): the first targets of the validation tokens, with the token before each."""
+        def prefix(t: Tensor, n: int) -> Tensor:
+            return t if n <= 0 else t[:n + 1]
+
+        scored = prefix(tokens, self.max_tokens)
+        return scored, prefix(scored, self.compare_tokens)
+
+    def __post_init__(self):
+        for var, name in self.named_backends():
+            if name not in KV_BACKENDS and not (var == "KV_QUANT_BACKEND" and name == "auto"):
+                raise ValueError(f"{var}: KV backend {name!r} is unknown; valid backends: auto (KV_QUANT_BACKEND "
+                                 f"only), {', '.join(KV_BACKENDS)}")
+
+    def named_backends(self) -> list[tuple[str, str]]:
+        return [("KV_QUANT_BACKEND", self.backend)] + [("KV_EVAL_COMPARE_BACKENDS", b) for b in self.compare_backends]
+
+    def for_device(self, device: torch.device) -> "AREvalSettings":
+        """These settings with KV_QUANT_BACKEND=auto resolved for the device; a backend that cannot run there (a
+        Triton backend on a CPU without the interpreter) is refused."""
+        resolved = replace(self, backend=default_backend(device) if self.backend == "auto" else self.backend)
+        for var, name in resolved.named_backends():
+            problem = backend_problem(name, device)
+            if problem:
+                raise ValueError(f"{var}={name}: {problem}")
+        return resolved
 
 
 class DecodeModel:
