@@ -191,6 +191,8 @@ class KVCache:
     """Base: buffers, lengths and a masked softmax over the whole buffer (O(capacity), the reference)."""
 
     recent, recent_values = 0, False  # entries kept exact besides the codes (RecentExactMixin)
+    # The orthogonal (D, D) basis attend_in_basis leaves its output in (out @ output_basis); None: out as it is.
+    output_basis: Tensor | None = None
 
     def __init__(self, batch: int, num_kv_heads: int, num_q_heads: int, capacity: int, head_dim: int,
                  device, dtype: torch.dtype, cfg: KVConfig = KVConfig(), layer: int = 0):
@@ -204,7 +206,12 @@ class KVCache:
         self.allocate()
 
     def buffer(self, name: str, *trailing: int, dtype: torch.dtype) -> Tensor:
-        t = torch.zeros(self.batch, self.heads, self.capacity, *trailing, dtype=dtype, device=self.device)
+        """A zeroed (B, Hkv, capacity, *trailing) buffer whose storage runs on to a whole 4-byte word: the kernels
+        read per-entry fp16 values as the int32 words that hold them (_entry_fp16)."""
+        shape = (self.batch, self.heads, self.capacity, *trailing)
+        size = torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape)
+        t = torch.zeros(-(-n * size // 4) * 4 // size, dtype=dtype, device=self.device)[:n].view(shape)
         self.buffers[name] = t
         setattr(self, name, t)
         return t
@@ -230,6 +237,11 @@ class KVCache:
     def as_query(self, q: Tensor) -> Tensor:
         """A plain q (B, Hq, D) in the form this backend's prologue hands to attend (benchmarks time that form)."""
         return q
+
+    def attend_in_basis(self, q: Tensor) -> Tensor:
+        """attend(q) @ output_basis, which a backend computes before it rotates back: the decoder folds the basis into
+        the attention's output projection instead (DecodeModel.output_projections)."""
+        return self.attend(q)
 
     def attend(self, q: Tensor) -> Tensor:
         b, g = self.batch, self.q_heads // self.heads
@@ -345,6 +357,15 @@ def tq4_magnitudes() -> tuple[float, ...]:
     return gaussian_lloyd_max(16)[8:]
 
 
+def tq4_byte_tables() -> tuple[int, int, int, int]:
+    """The fp16 bit patterns of tq4's 8 magnitudes as byte-permute tables: the low bytes of magnitudes 0-3 and
+    4-7, then their high bytes, byte i of a word for magnitude i (mod 4); as signed int32 values (Triton's)."""
+    bits = torch.tensor(tq4_magnitudes(), dtype=torch.float16).view(torch.int16).int() & 0xFFFF
+    packed = [sum(int(v) << (8 * i) for i, v in enumerate(b.tolist()))
+              for b in (bits[:4] & 255, bits[4:] & 255, bits[:4] >> 8, bits[4:] >> 8)]
+    return tuple(w - (1 << 32) if w >> 31 else w for w in packed)
+
+
 @lru_cache(maxsize=None)
 def hadamard_matrix(n: int, device) -> Tensor:
     """The n x n Hadamard matrix of +-1 (n a power of two), fp32: the layers' rotations here, the polar codec's."""
@@ -377,8 +398,9 @@ class TurboQuantMSE:
         self.centroids = torch.cat((magnitudes, -magnitudes)).to(device)  # by code
         self.bounds = ((magnitudes[1:] + magnitudes[:-1]) / 2).to(device)  # between consecutive magnitudes
         self.codebook = torch.cat((self.centroids, self.bounds))  # as the write kernel takes it
+        self.decoder_tables = torch.tensor(tq4_byte_tables(), dtype=torch.int32).repeat(head_dim // 8, 1).to(device)
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.signs, self.hadamard, self.rotation,
-                                                                 self.codebook))
+                                                                 self.codebook, self.decoder_tables))
 
     @classmethod
     def for_cache(cls, cache: "KVCache") -> "TurboQuantMSE":
@@ -776,69 +798,82 @@ if triton is not None:
         """(R, D) -> its even and its odd channels, each (R, D // 2)."""
         return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
 
-    def _tq4_byte_tables() -> tuple[int, int, int, int]:
-        """The fp16 bit patterns of tq4's 8 magnitudes as byte-permute tables: the low bytes of magnitudes 0-3 and
-        4-7, then their high bytes, byte i of a word for magnitude i (mod 4); as signed int32 values (Triton's)."""
-        bits = torch.tensor(tq4_magnitudes(), dtype=torch.float16).view(torch.int16).int() & 0xFFFF
-        packed = [sum(int(v) << (8 * i) for i, v in enumerate(b.tolist()))
-                  for b in (bits[:4] & 255, bits[4:] & 255, bits[:4] >> 8, bits[4:] >> 8)]
-        return tuple(w - (1 << 32) if w >> 31 else w for w in packed)
-
-    TQ4_LOW_0, TQ4_LOW_4, TQ4_HIGH_0, TQ4_HIGH_4 = (tl.constexpr(w) for w in _tq4_byte_tables())
-    # Eight codes (a word's nibbles) -> eight fp16 values in about two instructions a code, no table loads: a byte
-    # permute over two table registers looks up 4 magnitudes' low bytes (the selector: the codes less their sign
-    # bits), another their high bytes, a third spreads the 4 sign bits (from the word and the word << 4, whose
-    # bytes' top bits they are) over the high bytes, and two more interleave low and high bytes into fp16 pairs of
-    # channels 8w + k and 8w + k + 2, the pairs the even and odd tiles hold in a register (no repacking after).
+    # Eight codes (a word's nibbles) -> eight fp16 values in about two instructions a code, no table loads in the
+    # loop: a byte permute over two table registers ($9-$12, tq4_byte_tables) looks up 4 magnitudes' low bytes (the
+    # selector: the codes less their sign bits), another their high bytes, a third spreads the 4 sign bits (from the
+    # word and the word << 4, whose bytes' top bits they are) over the high bytes, and two more interleave low and
+    # high bytes into fp16 pairs of channels 8w + k and 8w + k + 2, the pairs the even and odd tiles hold in a
+    # register (no repacking after).
     TQ4_DECODE_PTX = tl.constexpr(
-        "{ .reg .b32 m, t, lo, hi, sg, pair, l0, l4, h0, h4; "
-        f"mov.b32 l0, {TQ4_LOW_0.value & 0xFFFFFFFF:#x}; mov.b32 l4, {TQ4_LOW_4.value & 0xFFFFFFFF:#x}; "
-        f"mov.b32 h0, {TQ4_HIGH_0.value & 0xFFFFFFFF:#x}; mov.b32 h4, {TQ4_HIGH_4.value & 0xFFFFFFFF:#x}; "
+        "{ .reg .b32 m, t, lo, hi, sg, pair; "
         "and.b32 m, $8, 0x77777777; shl.b32 t, $8, 4; "
-        "prmt.b32 lo, l0, l4, m; prmt.b32 hi, h0, h4, m; prmt.b32 sg, t, $8, 0xD9C8; "
+        "prmt.b32 lo, $9, $10, m; prmt.b32 hi, $11, $12, m; prmt.b32 sg, t, $8, 0xD9C8; "
         "and.b32 sg, sg, 0x80808080; or.b32 hi, hi, sg; "
         "prmt.b32 pair, lo, hi, 0x6240; mov.b32 {$0, $1}, pair; "
         "prmt.b32 pair, lo, hi, 0x7351; mov.b32 {$2, $3}, pair; "
         "shr.b32 m, m, 16; "
-        "prmt.b32 lo, l0, l4, m; prmt.b32 hi, h0, h4, m; prmt.b32 sg, t, $8, 0xFBEA; "
+        "prmt.b32 lo, $9, $10, m; prmt.b32 hi, $11, $12, m; prmt.b32 sg, t, $8, 0xFBEA; "
         "and.b32 sg, sg, 0x80808080; or.b32 hi, hi, sg; "
         "prmt.b32 pair, lo, hi, 0x6240; mov.b32 {$4, $5}, pair; "
         "prmt.b32 pair, lo, hi, 0x7351; mov.b32 {$6, $7}, pair; }")
 
     @triton.jit
-    def _tq4_value(word):
+    def _entry_fp16(ptr, entry, nmask):
+        """The fp16 value (N,) of each cache entry of a per-entry buffer, read as the int32 word holding it: a 4-byte
+        load, which the loop's pipeline prefetches (cp.async) with the codes; a 2-byte load is left in the loop, its
+        latency in each iteration's path."""
+        word = tl.load(ptr.to(tl.pointer_type(tl.int32)) + entry // 2, mask=nmask, other=0)
+        return _fp16_bits(tl.where((entry & 1) == 1, word >> 16, word))
+
+    @triton.jit
+    def _tq4_tables(ptr, D: tl.constexpr):
+        """tq4's four byte-permute tables (tq4_byte_tables), loaded once per program from a copy per word column
+        (D // 8, 4): registers of their own, which the loop's permutes read in place. As constants (or loads of
+        one address) the compiler kept them in uniform registers and copied one into a register before each permute,
+        64 of the loop's 719 instructions per thread per 64 entries (benchmarks/attend_sass.py)."""
+        column = tl.arange(0, D // 8)[None, :] * 4
+        return tl.load(ptr + column), tl.load(ptr + column + 1), tl.load(ptr + column + 2), tl.load(ptr + column + 3)
+
+    @triton.jit
+    def _tq4_value(word, tables):
         """The fp16 value of the tq4 code in a word's low nibble, from the byte tables the PTX permutes (the
         interpreter's path)."""
         magnitude = word & 7
         shift = 8 * (magnitude & 3)
-        low = tl.where(magnitude < 4, TQ4_LOW_0 >> shift, TQ4_LOW_4 >> shift) & 0xFF
-        high = tl.where(magnitude < 4, TQ4_HIGH_0 >> shift, TQ4_HIGH_4 >> shift) & 0xFF
+        low = tl.where(magnitude < 4, tables[0] >> shift, tables[1] >> shift) & 0xFF
+        high = tl.where(magnitude < 4, tables[2] >> shift, tables[3] >> shift) & 0xFF
         return _fp16_bits(low | (high << 8) | ((word & 8) << 12))
 
     @triton.jit
-    def _tq4_halves(q_ptr, s_ptr, entry, nmask, D: tl.constexpr):
+    def _tq4_halves(q_ptr, s_ptr, entry, nmask, tables, D: tl.constexpr):
         """A block of tq4 rows, read as int32 words of 8 codes, decoded in registers as even and odd channels
         (BLOCK_N, D // 2) fp16, times each row's scale. Looking each code up in a 16-entry table in memory took one
-        load a code, 134 of the loop's 1,336 instructions per thread per 64 entries (benchmarks/attend_sass.py),
-        and bound tq4 at 12% of copy bandwidth."""
+        load a code, 134 of the loop's 1,336 instructions per thread per 64 entries (benchmarks/attend_sass.py), and
+        bound tq4 at 12% of copy bandwidth. Scaling the scores and probabilities instead (a multiply an entry, not
+        one per channel pair) took the loop from 589 to 620: the decoded pairs then need moves into the register
+        quads a 16-byte shared-memory store takes, which the multiplies' results are allocated in."""
         tl.static_assert(D % 8 == 0, "tq4 rows are read as int32 words: head_dim must be a multiple of 8")
         N: tl.constexpr = entry.shape[0]
         words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + entry[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :],
                         mask=nmask[:, None], other=0)
         if INTERPRETED:
-            c = (_tq4_value(words), _tq4_value(words >> 8), _tq4_value(words >> 4), _tq4_value(words >> 12),
-                 _tq4_value(words >> 16), _tq4_value(words >> 24), _tq4_value(words >> 20), _tq4_value(words >> 28))
+            c = (_tq4_value(words, tables), _tq4_value(words >> 8, tables), _tq4_value(words >> 4, tables),
+                 _tq4_value(words >> 12, tables), _tq4_value(words >> 16, tables), _tq4_value(words >> 24, tables),
+                 _tq4_value(words >> 20, tables), _tq4_value(words >> 28, tables))
         else:
-            c = tl.inline_asm_elementwise(TQ4_DECODE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 8,
-                                          is_pure=True, pack=1)
-        scale = tl.load(s_ptr + entry, mask=nmask, other=0)[:, None]
+            shape: tl.constexpr = (N, D // 8)
+            c = tl.inline_asm_elementwise(TQ4_DECODE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+                                          [words, tl.broadcast_to(tables[0], shape), tl.broadcast_to(tables[1], shape),
+                                           tl.broadcast_to(tables[2], shape), tl.broadcast_to(tables[3], shape)],
+                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        scale = _entry_fp16(s_ptr, entry, nmask)[:, None]
         # c holds channels 8w + 0, 2, 1, 3, 4, 6, 5, 7 of word w (the PTX's register pairs): the even ones c[0, 1, 4, 5]
         even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[1], c[5])), (N, D // 2))
         odd = tl.reshape(tl.join(tl.join(c[2], c[6]), tl.join(c[3], c[7])), (N, D // 2))
         return even * scale, odd * scale
 
     @triton.jit
-    def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask,
+    def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables,
                     KEY: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr):
         """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
         dots. exact keys: q in the keys' dtype; int8: q as fp16 even and odd channel halves (the decoder's tiles);
@@ -854,7 +889,7 @@ if triton is not None:
                 k_even, k_odd = _scale_halves(k_even, k_odd, ks_ptr, entry, nmask, GROUP)
             else:
                 tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
-                k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, entry, nmask, D)
+                k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, entry, nmask, tables, D)
             score = tl.dot(q[0], tl.trans(k_even)) + tl.dot(q[1], tl.trans(k_odd))
         if KEY == "qjl":
             sq_low, sq_high = q[2], q[3]
@@ -865,7 +900,7 @@ if triton is not None:
             low = tl.reshape(tl.load(sign_table_ptr + (byte & 15)[:, :, None] * 4 + lane), shape)
             high = tl.reshape(tl.load(sign_table_ptr + (byte >> 4)[:, :, None] * 4 + lane), shape)
             sketched = tl.dot(sq_low, tl.trans(low)) + tl.dot(sq_high, tl.trans(high))
-            rnorm = tl.load(krnorm_ptr + entry, mask=nmask, other=0).to(tl.float32)
+            rnorm = _entry_fp16(krnorm_ptr, entry, nmask).to(tl.float32)
             score += sketched * (rnorm[None, :] * (1.2533141373155003 / M))
         return score
 
@@ -882,13 +917,13 @@ if triton is not None:
                 tl.reshape(tl.reshape(odd, shape) * scale, (N, D // 2)))
 
     @triton.jit
-    def _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE: tl.constexpr, D: tl.constexpr,
+    def _value_halves(vq_ptr, vs_ptr, entry, nmask, tables, VALUE: tl.constexpr, D: tl.constexpr,
                       GROUP: tl.constexpr):
         """A block of cached values decoded in registers as its even and its odd channels, two (BLOCK_N, D // 2)
         fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
         interleaves them back (that went through shared memory); each tile feeds its own dot."""
         if VALUE == "tq4":  # (no early return: the compiler would still compile the code after it)
-            even, odd = _tq4_halves(vq_ptr, vs_ptr, entry, nmask, D)
+            even, odd = _tq4_halves(vq_ptr, vs_ptr, entry, nmask, tables, D)
         elif VALUE == "int4":
             byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
                            other=0).to(tl.int32)
@@ -948,8 +983,31 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc_even, acc_odd
 
     @triton.jit
+    def _attend_block(q, n0, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
+                      vq_ptr, vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY: tl.constexpr,
+                      VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
+                      RECENT: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """The entries n0 .. n0 + BLOCK_N of the cache row `row` (its first slot) folded into the online softmax. A
+        block wholly before `end` runs unmasked (MASKED false: no compares, selects or predicated loads, about 30
+        of the loop's instructions per thread); the last block of a split masks the entries past `end`."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end if MASKED else tl.full((BLOCK_N,), 1, tl.int1)
+        slot = offs_n
+        if RECENT > 0:  # the entry offs_n steps after the oldest
+            slot = oldest + offs_n
+            slot = tl.where(slot >= CAP, slot - CAP, slot)
+        entry = row + slot
+        s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables, KEY, D, GROUP,
+                        M) * score_scale
+        if MASKED:
+            s = tl.where(nmask[None, :], s, float("-inf"))
+        v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, tables, VALUE, D, GROUP)
+        return _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
+
+    @triton.jit
     def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr, vq_ptr,
-                       vs_ptr, sketch_ptr, sign_table_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, out_ptr,
+                       vs_ptr, sketch_ptr, sign_table_ptr, tq4_tables_ptr, len_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
+                       out_ptr,
                        H, CAP, CHUNK, sm_scale, G: tl.constexpr, KEY: tl.constexpr, VALUE: tl.constexpr,
                        D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, RECENT: tl.constexpr,
                        RECENT_VALUES: tl.constexpr, BLOCK_RECENT: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -958,7 +1016,7 @@ if triton is not None:
         heads of that KV head. With one split it writes the output; otherwise it writes its partial output
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
         them (flash decoding in one launch). tq4 and qjl keys: q arrives in the rotated basis (qjl sketches it
-        here, once per program); tq4 values: the output leaves in that basis (the caller rotates it back).
+        here, once per program); tq4 values: the output leaves in that basis (attend_in_basis).
         RECENT: the splits share the row's entries but its RECENT newest, oldest first (a row's positions run on by
         one, so they are the filled slots from the one after the newest, wrapping); split 0 takes those newest in
         one more block, keys exact from the ring of rotated keys, values from the ring of rotated values with
@@ -976,33 +1034,37 @@ if triton is not None:
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
         q_in = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0).to(tl.float32)
-        q = q_in.to(kq_ptr.dtype.element_ty if KEY == "exact" else tl.float16)
-        q16 = q_in.to(tl.float16)
-        if (KEY == "int8") | (KEY == "tq4"):
-            q = _even_odd_halves(q)
-        elif KEY == "qjl":
-            q_even, q_odd = _even_odd_halves(q)
-            sq_low, sq_high = _nibble_halves(_sketch(q_in, sketch_ptr, M).to(tl.float16))
-            q = (q_even, q_odd, sq_low, sq_high)
-        # Scores in log2 units: exp2 is the hardware's (exp would add a multiply and a denormal fix-up per score).
+        # Scores in log2 units: exp2 is the hardware's (exp would add a multiply and a denormal fix-up per score). An
+        # fp16 query takes the scale once (a multiply per program, not per score); exact keys meet q in their own
+        # dtype, rounded as it is, and their scores take it.
         log2_scale = sm_scale * 1.4426950408889634
+        score_scale = log2_scale
+        if KEY == "exact":
+            q = q_in.to(kq_ptr.dtype.element_ty)
+        else:
+            q_in *= log2_scale
+            score_scale = 1.0
+            q = _even_odd_halves(q_in.to(tl.float16))
+        if KEY == "qjl":
+            sq_low, sq_high = _nibble_halves(_sketch(q_in, sketch_ptr, M).to(tl.float16))
+            q = (q[0], q[1], sq_low, sq_high)
+        tables = 0
+        if (KEY == "tq4") | (KEY == "qjl") | (VALUE == "tq4"):
+            tables = _tq4_tables(tq4_tables_ptr, D)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
         acc_odd = tl.zeros((BLOCK_H, D // 2), tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < end
-            slot = offs_n
-            if RECENT > 0:  # the entry offs_n steps after the oldest
-                slot = oldest + offs_n
-                slot = tl.where(slot >= CAP, slot - CAP, slot)
-            entry = (b * H + h) * CAP + slot
-            s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, KEY,
-                            D, GROUP, M) * log2_scale
-            v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, VALUE, D, GROUP)
-            m_i, l_i, acc_even, acc_odd = _softmax_step(tl.where(nmask[None, :], s, float("-inf")), v_even, v_odd,
-                                                        m_i, l_i, acc_even, acc_odd)
+        row = (b * H + h) * CAP
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(start, full_end, BLOCK_N):
+            m_i, l_i, acc_even, acc_odd = _attend_block(
+                q, n0, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, vq_ptr,
+                vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY, VALUE, D, GROUP, M, RECENT, BLOCK_N, False)
+        if full_end < end:
+            m_i, l_i, acc_even, acc_odd = _attend_block(
+                q, full_end, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
+                vq_ptr, vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY, VALUE, D, GROUP, M, RECENT, BLOCK_N, True)
         if RECENT > 0:
             if sp == 0:
                 j = tl.arange(0, BLOCK_RECENT)  # ring slot j holds position p: live if p is a filled entry
@@ -1010,12 +1072,12 @@ if triton is not None:
                 live = (j < RECENT) & (newest - p < length)
                 ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
                 k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
-                s = tl.where(live[None, :], tl.dot(q16, tl.trans(k)) * log2_scale, float("-inf"))
+                s = tl.where(live[None, :], tl.dot(q_in.to(tl.float16), tl.trans(k)) * score_scale, float("-inf"))
                 if RECENT_VALUES:
                     v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
                 else:
-                    entry = (b * H + h) * CAP + tl.maximum(p, 0) % CAP
-                    v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, live, VALUE, D, GROUP)
+                    v_even, v_odd = _value_halves(vq_ptr, vs_ptr, row + tl.maximum(p, 0) % CAP, live, tables, VALUE,
+                                                  D, GROUP)
                 m_i, l_i, acc_even, acc_odd = _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
         filled = l_i > 0
         l_safe = tl.where(filled, l_i, 1.0)
@@ -1084,6 +1146,7 @@ class KernelTables(NamedTuple):
     rot_signs: Tensor  # tq4 and qjl: the rotation's signs (D,) fp32
     hadamard: Tensor  # tq4 and qjl: H (D, D) fp16, +-1
     codebook: Tensor  # tq4 and qjl: the 16 centroids of N(0, 1) by code, then the 7 bounds between magnitudes, fp32
+    decoder_tables: Tensor  # tq4 and qjl: tq4_byte_tables, a copy per word column (D // 8, 4) int32
 
 
 class TritonAttendMixin:
@@ -1177,7 +1240,7 @@ class TritonAttendMixin:
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         t = self.tables()
         _attend_kernel[(self.batch, self.heads, self.splits)](
-            query_tensor(q), *self.kernel_codes(), t.sketch, t.sign_table, self.lengths,
+            query_tensor(q), *self.kernel_codes(), t.sketch, t.sign_table, t.decoder_tables, self.lengths,
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
             M=self.cfg.qjl_dim, RECENT=self.recent, RECENT_VALUES=self.recent_values,
@@ -1194,7 +1257,7 @@ def query_tensor(q: Tensor | RotatedQuery) -> Tensor:
 class RotatedAttendMixin(TritonAttendMixin):
     """A backend whose keys are scored in the layer's rotated basis (its `mse` coder's): the fused prologue rotates q
     with k (one dot over the tile), a plain q is rotated here, and tq4 values, which decode in that basis, leave
-    attention rotated back once per head."""
+    attend_in_basis in it (the decoder folds the rotation into the output projection) and attend rotated back."""
 
     def as_query(self, q):
         return RotatedQuery((q.float() @ self.mse.rotation).to(q.dtype))
@@ -1203,12 +1266,19 @@ class RotatedAttendMixin(TritonAttendMixin):
         return RotatedQuery(super().empty_query(dtype))
 
     def tables(self):
-        return super().tables()._replace(rot_signs=self.mse.signs,
-                                         hadamard=self.mse.hadamard, codebook=self.mse.codebook)
+        return super().tables()._replace(rot_signs=self.mse.signs, hadamard=self.mse.hadamard,
+                                         codebook=self.mse.codebook, decoder_tables=self.mse.decoder_tables)
+
+    @property
+    def output_basis(self) -> Tensor | None:
+        return self.mse.rotation if self.value_codec == "tq4" else None
+
+    def attend_in_basis(self, q):
+        return super().attend(q if isinstance(q, RotatedQuery) else self.as_query(q))
 
     def attend(self, q):
-        out = super().attend(q if isinstance(q, RotatedQuery) else self.as_query(q))
-        return (out.float() @ self.mse.rotation.T).to(self.dtype) if self.value_codec == "tq4" else out
+        out = self.attend_in_basis(q)
+        return out if self.output_basis is None else (out.float() @ self.output_basis.T).to(self.dtype)
 
 
 class ExactTritonCache(TritonAttendMixin, ExactCache):
@@ -1254,9 +1324,9 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 (108 settings), again with the ring in age order: the best at 16384x64
-    # (215.1 us), 0.9% behind the best at 1024x1024 (64, 2, 3, 8, 128), within noise
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 4, 128)}
+    # Bandwidth regime swept on one H200 (48 settings, one warp a program now in the grid): the best at 16384x64
+    # (188.9 us, against 209.5 for the former (64, 2, 3, 4, 128)) and at 1024x1024 (207.4 us, against 221.7)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 1, 3, 8, None)}
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)
@@ -1551,7 +1621,8 @@ class DecodeModel:
     layer: a copy with the QAT deltas folded in and every parameter in the compute dtype (the RoPE frequencies, a
     buffer, stay fp32), and each attention's Q, K and V weights fused into one matrix, so a token costs one GEMM
     for them. decode_hidden is GPT.forward_logits with the residual stream between sub-layers fused
-    (residual_norm: one kernel per sub-layer on CUDA)."""
+    (residual_norm: one kernel per sub-layer on CUDA), and each cache's output basis folded into its layer's
+    output projection (output_projections)."""
 
     @torch.no_grad()
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
@@ -1568,12 +1639,25 @@ class DecodeModel:
         self.model, self.logit_softcap = m, m.logit_softcap
         self.qkv = [torch.cat((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight)) for b in m.blocks]
 
-    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """-> the final normed hidden state (B, dim)."""
+    @torch.no_grad()
+    def output_projections(self, caches: list) -> list[Tensor]:
+        """Each layer's attention output projection W for its cache's attend_in_basis: W itself, or with the cache's
+        output basis R folded in per head, W diag(R, ..., R) (out R diag(R^T, ...) W^T = out W^T: no rotation back
+        at each step)."""
+        weights = []
+        for block, cache in zip(self.model.blocks, caches, strict=True):
+            w, basis = block.attn.proj.weight, cache.output_basis
+            if basis is not None:
+                w = (w.float().reshape(w.shape[0], -1, basis.shape[0]) @ basis).reshape(w.shape).to(w.dtype)
+            weights.append(w)
+        return weights
+
+    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list, projections: list[Tensor]) -> Tensor:
+        """-> the final normed hidden state (B, dim); projections: output_projections(caches)."""
         m = self.model
         x = F.rms_norm(F.embedding(tokens, m.tok_emb.weight), (m.tok_emb.embedding_dim,))
         x0, skips, delta, delta_scale = x, [], None, None
-        for i, (block, qkv, cache) in enumerate(zip(m.blocks, self.qkv, caches, strict=True)):
+        for i, (block, qkv, cache, proj) in enumerate(zip(m.blocks, self.qkv, caches, projections, strict=True)):
             j = i - m.num_encoder_layers
             # The first decoder layer's skip is the output of the block just before it, which this
             # residual_norm itself completes (s below): skip_self.
@@ -1585,7 +1669,7 @@ class DecodeModel:
                 skips.append(s)
             attn = block.attn
             q = cache.prologue(decode_linear(h, qkv), positions, attn.inv_freq, attn.q_gain)
-            out = decode_linear(cache.attend(q).reshape(h.shape[0], -1), attn.proj.weight)
+            out = decode_linear(cache.attend_in_basis(q).reshape(h.shape[0], -1), proj)
             _, x, h = residual_norm(x, out, block.attn_scale)
             fc = decode_linear(h, block.mlp.fc.weight, relu_square_out=True)
             delta, delta_scale = decode_linear(fc, block.mlp.proj.weight), block.mlp_scale
@@ -1595,8 +1679,9 @@ class DecodeModel:
         return decode_linear(h, self.model.logit_weight())
 
     def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """-> softcapped logits (B, V)."""
-        return softcap_logits(self.decode_logit_proj(self.decode_hidden(tokens, positions, caches)), self.logit_softcap)
+        """-> softcapped logits (B, V) (the output projections folded anew: for a few steps, not a long eval)."""
+        h = self.decode_hidden(tokens, positions, caches, self.output_projections(caches))
+        return softcap_logits(self.decode_logit_proj(h), self.logit_softcap)
 
 
 @dataclass
@@ -1664,6 +1749,7 @@ class Decoder:
                                      device, dtype, cfg, layer=i)
                        for i in range(len(model.blocks))]
         self.model, self.device, self.batch = DecodeModel(model, dtype), device, batch
+        self.projections = self.model.output_projections(self.caches)
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
         self.window = torch.zeros((batch, 2), dtype=torch.int64, device=device)
         self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -1677,7 +1763,8 @@ class Decoder:
     @torch.no_grad()
     def _step(self) -> None:
         t = self.positions[:1]  # row 0 is always live
-        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
+        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches,
+                                     self.projections)
         score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.window, self.row_loss,
                             self.model.logit_softcap)
 

@@ -67,8 +67,8 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
 # the compiler's choice). A codec not listed gets the widest grid.
 WIDE_GRID = ((32, 64, 128, 256), (2, 4, 8), (1, 2, 3), (4, 8, 16), (None, 128))
 GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
-         "int8": ((64, 128, 256), (2, 4), (1, 2, 3), (4, 8), (None, 128)),
-         "tq4": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128)),
+         "int8": ((64, 128), (1, 2, 4), (2, 3), (4, 8), (None, 128)),
+         "tq4": ((64, 128), (1, 2, 4), (2, 3), (4, 8), (None, 128)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
 

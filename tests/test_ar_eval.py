@@ -272,3 +272,32 @@ def test_ar_eval_reports_progress_within_one_batch(monkeypatch):
     plan = kv.ring_plan(torch.randint(0, 1024, (41,)), 4, 8)
     kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts_cpu(), "bf16", torch.device("cpu"), lines.append)
     assert len(lines) == 17 and lines[-1].startswith("ar_eval_progress backend:bf16 mode:ring scored:40/40 decoded:61/61")
+
+
+def test_rotated_values_fold_into_the_output_projection():
+    """tq4_triton leaves attention in its layer's rotated basis (attend_in_basis) and the decoder folds that rotation
+    into each layer's output projection: the same logits as the torch tq4 path, which rotates every output back."""
+    torch.manual_seed(5)
+    args = tg.Hyperparameters(num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1, train_seq_len=32)
+    model = tg.build_model(args.model_config(), torch.device("cpu")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, 1024, (2, 10))
+    decoder = kv.DecodeModel(model, torch.float32)
+    logits = {}
+    for name in ("tq4", "tq4_triton"):
+        caches = [kv.make_kv_cache(name, 2, 1, 2, 16, 64, "cpu", torch.float32, layer=i) for i in range(2)]
+        with torch.no_grad():
+            logits[name] = torch.stack([decoder.decode_step(tokens[:, t], torch.full((2,), t), caches)
+                                        for t in range(10)], 1)
+        q = torch.randn(2, 2, 64)
+        basis = caches[1].output_basis
+        if name == "tq4_triton":
+            assert basis is not None
+            torch.testing.assert_close(caches[1].attend_in_basis(q) @ basis.T, caches[1].attend(q), rtol=0, atol=1e-5)
+        else:
+            assert basis is None
+    folded = decoder.output_projections(caches)
+    assert not torch.equal(folded[0], model.blocks[0].attn.proj.weight)  # the rotation is folded in
+    torch.testing.assert_close(logits["tq4_triton"], logits["tq4"], rtol=0, atol=2e-3)

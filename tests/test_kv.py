@@ -152,9 +152,9 @@ def test_tq4_decoder_is_exact_for_every_code():
     import triton.language as tl
 
     @triton.jit
-    def decode(codes_ptr, scale_ptr, out_ptr, D: tl.constexpr):
+    def decode(codes_ptr, scale_ptr, tables_ptr, out_ptr, D: tl.constexpr):
         rows = tl.arange(0, 16)
-        even, odd = kv._tq4_halves(codes_ptr, scale_ptr, rows, rows < 16, D)
+        even, odd = kv._tq4_halves(codes_ptr, scale_ptr, rows, rows < 16, kv._tq4_tables(tables_ptr, D), D)
         channels = tl.reshape(tl.join(even, odd), (16, D))
         tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], channels)
 
@@ -163,8 +163,8 @@ def test_tq4_decoder_is_exact_for_every_code():
     packed = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
     scale = torch.tensor([1.0, 0.5, -2.0, 0.25] * 4, dtype=torch.float16)
     out = torch.empty(16, 64, dtype=torch.float16)
-    decode[(1,)](packed, scale, out, D=64)
     mse = kv.TurboQuantMSE(64, 0, DEVICE)
+    decode[(1,)](packed, scale, mse.decoder_tables, out, D=64)
     assert torch.equal(out, mse.centroids.half()[code] * scale[:, None])
 
 
@@ -205,8 +205,9 @@ def test_tq4_decode_ptx_gives_each_codes_fp16_centroid():
     words = torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64, device="cpu").tolist()
     words += [0, 0xFFFFFFFF, 0x89ABCDEF]
     channels = (0, 2, 1, 3, 4, 6, 5, 7)  # output k holds this nibble: an fp16 register pair holds 2 channels of a half
+    tables = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(kv.tq4_byte_tables())}  # operands, as the kernel loads
     for w in words:
-        regs = run_ptx(kv.TQ4_DECODE_PTX.value, {"$8": w})
+        regs = run_ptx(kv.TQ4_DECODE_PTX.value, {"$8": w, **tables})
         assert [regs[f"${k}"] for k in range(8)] == [table[(w >> 4 * c) & 15] for c in channels], hex(w)
 
 
