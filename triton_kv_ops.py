@@ -1641,23 +1641,28 @@ class DecodeModel:
             p.data = p.data.to(dtype)
         self.model, self.logit_softcap = m, m.logit_softcap
         self.qkv = [torch.cat((b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight)) for b in m.blocks]
+        self.folded: tuple[list, list[Tensor]] | None = None  # (the caches, their output_projections)
 
     @torch.no_grad()
     def output_projections(self, caches: list) -> list[Tensor]:
         """Each layer's attention output projection W for its cache's attend_in_basis: W itself, or with the cache's
         output basis R folded in per head, W diag(R, ..., R) (out R diag(R^T, ...) W^T = out W^T: no rotation back
-        at each step)."""
+        at each step). Folded once per list of caches, the one its decoder passes at every step."""
+        if self.folded is not None and self.folded[0] is caches:
+            return self.folded[1]
         weights = []
         for block, cache in zip(self.model.blocks, caches, strict=True):
             w, basis = block.attn.proj.weight, cache.output_basis
             if basis is not None:
                 w = (w.float().reshape(w.shape[0], -1, basis.shape[0]) @ basis).reshape(w.shape).to(w.dtype)
             weights.append(w)
+        self.folded = (caches, weights)
         return weights
 
-    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list, projections: list[Tensor]) -> Tensor:
-        """-> the final normed hidden state (B, dim); projections: output_projections(caches)."""
+    def decode_hidden(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
+        """-> the final normed hidden state (B, dim)."""
         m = self.model
+        projections = self.output_projections(caches)
         x = F.rms_norm(F.embedding(tokens, m.tok_emb.weight), (m.tok_emb.embedding_dim,))
         x0, skips, delta, delta_scale = x, [], None, None
         for i, (block, qkv, cache, proj) in enumerate(zip(m.blocks, self.qkv, caches, projections, strict=True)):
@@ -1682,9 +1687,8 @@ class DecodeModel:
         return decode_linear(h, self.model.logit_weight())
 
     def decode_step(self, tokens: Tensor, positions: Tensor, caches: list) -> Tensor:
-        """-> softcapped logits (B, V) (the output projections folded anew: for a few steps, not a long eval)."""
-        h = self.decode_hidden(tokens, positions, caches, self.output_projections(caches))
-        return softcap_logits(self.decode_logit_proj(h), self.logit_softcap)
+        """-> softcapped logits (B, V)."""
+        return softcap_logits(self.decode_logit_proj(self.decode_hidden(tokens, positions, caches)), self.logit_softcap)
 
 
 @dataclass
@@ -1752,7 +1756,6 @@ class Decoder:
                                      device, dtype, cfg, layer=i)
                        for i in range(len(model.blocks))]
         self.model, self.device, self.batch = DecodeModel(model, dtype), device, batch
-        self.projections = self.model.output_projections(self.caches)
         self.rows = torch.zeros((batch, row_len), dtype=torch.int64, device=device)
         self.window = torch.zeros((batch, 2), dtype=torch.int64, device=device)
         self.row_loss = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -1766,8 +1769,7 @@ class Decoder:
     @torch.no_grad()
     def _step(self) -> None:
         t = self.positions[:1]  # row 0 is always live
-        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches,
-                                     self.projections)
+        h = self.model.decode_hidden(self.rows.index_select(1, t).squeeze(1), self.positions, self.caches)
         score_next_token(self.model.decode_logit_proj(h), self.rows, self.positions, self.window, self.row_loss,
                             self.model.logit_softcap)
 
