@@ -120,6 +120,10 @@ def main() -> None:
     if a.run_id and len(a.config) > 1:
         p.error("--run-id names one run: pass one --config with it")
     extra = dict(kv.split("=", 1) for kv in a.set)
+    # The trainer runs in --code-dir: paths given relative to the caller's directory are resolved before it starts
+    a.code_dir, a.data, a.out_dir, a.corpus = (x.resolve() for x in (a.code_dir, a.data, a.out_dir, a.corpus))
+    if not (a.code_dir / "train_gpt.py").is_file():
+        p.error(f"--code-dir {a.code_dir} holds no train_gpt.py: pass the top level or a records folder")
     a.out_dir.mkdir(parents=True, exist_ok=True)
     build_shards(a.corpus, a.data, a.val_tokens)
     sys.path.insert(0, str(a.code_dir))

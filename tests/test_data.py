@@ -157,7 +157,8 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, message):
 
 
 def test_standin_protocol_appends_a_row(tmp_path, sample_docs):
-    """The protocol end to end on a tiny corpus of the stand-in's shape (four enwiki_*.jsonl.xz files)."""
+    """The protocol end to end on a tiny corpus of the stand-in's shape (four enwiki_*.jsonl.xz files), its paths
+    relative to the caller's directory (the trainer runs in --code-dir)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
@@ -167,8 +168,8 @@ def test_standin_protocol_appends_a_row(tmp_path, sample_docs):
         "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "WARMUP_STEPS",
         "WARMDOWN_ITERS", "KV_QUANT_BACKEND", "KV_EVAL_MAX_TOKENS", "KV_EVAL_BATCH")}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8", "int5r", "--corpus",
-           str(corpus), "--data", str(tmp_path / "data"), "--val-tokens", "1500", "--seconds", "30", "--out-dir",
-           str(tmp_path / "runs"), "--results", str(results), "--commit", "abc1234", "--set", "ITERATIONS=3",
+           "corpus", "--data", "data", "--val-tokens", "1500", "--seconds", "30", "--out-dir", "runs", "--code-dir",
+           os.path.relpath(ROOT, tmp_path), "--results", str(results), "--commit", "abc1234", "--set", "ITERATIONS=3",
            "MODEL_DIM=128", *(f"{k}={v}" for k, v in tiny.items() if k != "MODEL_DIM")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -184,6 +185,14 @@ def test_standin_protocol_run_id_names_one_run(tmp_path):
            "mine", "--corpus", str(tmp_path), "--out-dir", str(tmp_path / "runs")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "--run-id names one run" in p.stderr and not (tmp_path / "runs").exists()
+
+
+def test_standin_protocol_refuses_a_code_dir_without_the_trainer(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8", "--code-dir", "records",
+           "--corpus", str(tmp_path), "--out-dir", "runs"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and f"--code-dir {tmp_path / 'records'} holds no train_gpt.py" in p.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_standin_rows_name_a_dirty_tree(tmp_path):
