@@ -474,8 +474,8 @@ def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
     """benchmarks/attend_sass.py builds the attention kernel for sm_90 without a GPU: the loop of a 64-entry block
     holds the tile's 64 m16n8k16 dots (scores 16x64x64, values two 16x32x64), spread over the launch's warps. Decoding
     int8 a word at a time keeps its loop within 1.25x of the exact cache's instructions per cached entry under triton
-    3.8 (1.02x; code by code it took 1.69x). Other compilers lay the tiles out otherwise: triton 3.6 (the device's)
-    gives 1.30x."""
+    3.8 (1.02x at two warps a program, 1.03x now that int8 takes one; code by code it took 1.69x). Other compilers
+    lay the tiles out otherwise: triton 3.6 (the device's) gave 1.30x at two warps."""
     import subprocess
     import sys
 
