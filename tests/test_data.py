@@ -188,8 +188,8 @@ def test_standin_protocol_run_id_names_one_run(tmp_path):
 
 
 def test_standin_protocol_refuses_a_code_dir_without_the_trainer(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8", "--code-dir", "records",
-           "--corpus", str(tmp_path), "--out-dir", "runs"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "standin_protocol.py"), "--config", "int8",
+           "--code-dir", "records", "--corpus", str(tmp_path), "--out-dir", "runs"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and f"--code-dir {tmp_path / 'records'} holds no train_gpt.py" in p.stderr
     assert not (tmp_path / "runs").exists()
