@@ -1330,7 +1330,8 @@ class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
     # Bandwidth regime swept on one H200 (48 settings, one-warp programs now in the grid): the best at 16384x64
     # (188.9 us, against 209.5 for the former (64, 2, 3, 4, 128)) and at 1024x1024 (207.4 us, against 221.7); with
-    # the scales read as words (_entry_fp16) 170.1 and 186.1 us
+    # the scales read as words (_entry_fp16) 170.1 and 186.1 us; still the best of 64 (blocks of 16-128, 8 or 16
+    # programs per SM, a 168-register cap), 171.7 and 186.0 us
     launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 1, 3, 8, None)}
 
     def codes(self):

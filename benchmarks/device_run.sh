@@ -8,7 +8,8 @@
 #                   TRAIN_SECONDS: the training wallclock (default the protocol's 240 s); RUN_NAME: its run id;
 #                   the eval settings of the environment (CODEC_COMPARE, EVAL_STRIDE, KV_EVAL_COMPARE_BACKENDS, ...)
 #                   pass through to the trainer
-#   decode          AR throughput of the last artifact (or $ART) per DECODE_BACKENDS at DECODE_BATCHES
+#   decode          AR throughput of the last artifact (or $ART; with neither, a random model) per DECODE_BACKENDS at
+#                   DECODE_BATCHES
 #   ring            the last artifact (or $ART) rescored by the ring eval over RING_TOKENS targets: exact, then
 #                   each of RING_BACKENDS with its delta vs exact (KV_* settings from the environment)
 #   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
@@ -52,6 +53,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
       cp "$log" "$OUT/" ;;
     decode)
       art=${ART:-$(last_artifact)}
+      [ -n "$art" ] || note "decode: no artifact in $RUNS and no ART: a randomly initialized model (throughput only)"
       timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
         --backends ${DECODE_BACKENDS:-int8_triton,tq4_triton} --batches ${DECODE_BATCHES:-1,1024} \
         --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"

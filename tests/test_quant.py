@@ -168,6 +168,18 @@ def test_damaged_artifacts_are_rejected(tmp_path, damage, message):
         tg.load_artifact(path)
 
 
+def test_zlib_takes_the_smaller_deflate_and_reads_back():
+    """Quantized codes (i.i.d. symbols): deflate's string matches cost more than they save, Huffman alone wins; text:
+    the matches win. The zlib compressor keeps the smaller either way, in the one format zlib.decompress reads."""
+    _, compress, decompress = tg.COMPRESSORS["zlib"]
+    codes = torch.clamp(torch.round(trained_like(256, 512) / 0.004), -31, 31).to(torch.int8).numpy().tobytes()
+    text = (ROOT / "README.md").read_bytes()
+    for data, matches_pay in ((codes, False), (text, True)):
+        with_matches, huffman = zlib.compress(data, 9), tg.huffman_deflate(data)
+        assert (len(with_matches) < len(huffman)) == matches_pay
+        assert compress(data) == min(with_matches, huffman, key=len) and decompress(compress(data)) == data
+
+
 def test_unknown_compressor_id_is_named(tmp_path):
     args, model = small_state()
     path = tmp_path / "m.ptz"
