@@ -209,8 +209,7 @@ class KVCache:
         """A zeroed (B, Hkv, capacity, *trailing) buffer whose storage runs on to a whole 4-byte word: the kernels
         read per-entry fp16 values as the int32 words that hold them (_entry_fp16)."""
         shape = (self.batch, self.heads, self.capacity, *trailing)
-        size = torch.empty((), dtype=dtype).element_size()
-        n = math.prod(shape)
+        n, size = math.prod(shape), dtype.itemsize
         t = torch.zeros(-(-n * size // 4) * 4 // size, dtype=dtype, device=self.device)[:n].view(shape)
         self.buffers[name] = t
         setattr(self, name, t)
@@ -1279,8 +1278,8 @@ class RotatedAttendMixin(TritonAttendMixin):
         return super().attend(q if isinstance(q, RotatedQuery) else self.as_query(q))
 
     def attend(self, q):
-        out = self.attend_in_basis(q)
-        return out if self.output_basis is None else (out.float() @ self.output_basis.T).to(self.dtype)
+        out, basis = self.attend_in_basis(q), self.output_basis
+        return out if basis is None else (out.float() @ basis.T).to(self.dtype)
 
 
 class ExactTritonCache(TritonAttendMixin, ExactCache):
