@@ -1332,11 +1332,10 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 (48 settings, one-warp programs now in the grid): the best at 16384x64
-    # (188.9 us, against 209.5 for the former (64, 2, 3, 4, 128)) and at 1024x1024 (207.4 us, against 221.7); with
-    # the scales read as words (_entry_fp16) 170.1 and 186.1 us; still the best of 64 (blocks of 16-128, 8 or 16
-    # programs per SM, a 168-register cap), 171.7 and 186.0 us
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 1, 3, 8, None)}
+    # Bandwidth regime swept on one H200 (64 settings a shape: blocks of 16-128, 1-2 warps, 8 or 16 programs per SM,
+    # no cap or 168 registers), scores as keys x q^T (8f6b0c2): the fastest at 16384x64, 158.3 us, and within 1.2%
+    # of the fastest at 1024x1024, 162.3 us, against 160.3 and 171.0 for the former (64, 1, 3, 8, None)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (32, 1, 3, 16, 168)}
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)

@@ -68,11 +68,10 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
 WIDE_GRID = ((32, 64, 128, 256), (2, 4, 8), (1, 2, 3), (4, 8, 16), (None, 128))
 GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          "int8": ((64, 128), (1, 2, 4), (2, 3), (4, 8), (None, 128)),
-         # tq4: at one warp a program the kernel takes 231 registers a thread (sm_90), so 8 programs fit an SM. Smaller
-         # blocks take fewer (201 at 32, 151 at 16), and a cap of 168 fits 12 (blocks of 32 spill nothing there;
-         # blocks of 64 spill 15 local loads and stores in the loop, 77 at a cap of 128); 16 programs per SM doubles
-         # the splits at 16384 x 64. Swept on one H200 (52a3799): more programs an SM bought nothing, (64, 1, 3, 8, None)
-         # stayed the fastest at 16384 x 64 and 1024 x 1024
+         # tq4: at one warp a program the kernel took 231 registers a thread (sm_90; 188 with scores as keys x q^T), so
+         # 8 programs fit an SM; smaller blocks take fewer, and a cap of 168 fits 12. 16 programs per SM doubles the
+         # splits at 16384 x 64. Swept on one H200 at 8f6b0c2: blocks of 32 under the cap, 16 programs an SM, the
+         # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led)
          "tq4": ((16, 32, 64, 128), (1, 2), (2, 3), (8, 16), (None, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
