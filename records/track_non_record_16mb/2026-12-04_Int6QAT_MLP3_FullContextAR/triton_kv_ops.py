@@ -209,8 +209,7 @@ class KVCache:
         """A zeroed (B, Hkv, capacity, *trailing) buffer whose storage runs on to a whole 4-byte word: the kernels
         read per-entry fp16 values as the int32 words that hold them (_entry_fp16)."""
         shape = (self.batch, self.heads, self.capacity, *trailing)
-        size = torch.empty((), dtype=dtype).element_size()
-        n = math.prod(shape)
+        n, size = math.prod(shape), dtype.itemsize
         t = torch.zeros(-(-n * size // 4) * 4 // size, dtype=dtype, device=self.device)[:n].view(shape)
         self.buffers[name] = t
         setattr(self, name, t)
@@ -876,14 +875,16 @@ if triton is not None:
     @triton.jit
     def _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables,
                     KEY: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr):
-        """Scores (BLOCK_H, BLOCK_N) of q against a block of cached keys decoded in registers, by tensor-core
-        dots. exact keys: q in the keys' dtype; int8: q as fp16 even and odd channel halves (the decoder's tiles);
+        """Scores (BLOCK_N, BLOCK_H) of a block of cached keys decoded in registers against q, by tensor-core dots
+        with the keys as the first operand (the query heads, padded to 8, are the dots' N: an m16n8 tile has no
+        padding rows, and the softmax runs over half the values of a (16, BLOCK_N) score tile). q arrives
+        transposed. exact keys: q in the keys' dtype; int8: q as fp16 even and odd channel halves (the decoder's tiles);
         tq4: those halves of q in the rotated basis. qjl: those halves and S q's halves (_nibble_halves, fp16): the
         tq4 score plus the residual's, sqrt(pi/2) / M * |r| * <S q, sign(S r)>, whose signs are looked up a nibble
         at a time in the 128-byte fp16 sign table (L1-resident, one 8-byte load each), not unpacked bit by bit."""
         if KEY == "exact":
             k = tl.load(kq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-            score = tl.dot(q, tl.trans(k))
+            score = tl.dot(k, q)
         else:
             if KEY == "int8":
                 k_even, k_odd = _int8_halves(kq_ptr, entry, nmask, D)
@@ -891,7 +892,7 @@ if triton is not None:
             else:
                 tl.static_assert((KEY == "tq4") | (KEY == "qjl"), "unknown key codec: exact, int8, tq4 or qjl")
                 k_even, k_odd = _tq4_halves(kq_ptr, ks_ptr, entry, nmask, tables, D)
-            score = tl.dot(q[0], tl.trans(k_even)) + tl.dot(q[1], tl.trans(k_odd))
+            score = tl.dot(k_even, q[0]) + tl.dot(k_odd, q[1])
         if KEY == "qjl":
             sq_low, sq_high = q[2], q[3]
             byte = tl.load(kbits_ptr + entry[:, None] * (M // 8) + tl.arange(0, M // 8)[None, :], mask=nmask[:, None],
@@ -900,9 +901,9 @@ if triton is not None:
             shape: tl.constexpr = (entry.shape[0], M // 2)
             low = tl.reshape(tl.load(sign_table_ptr + (byte & 15)[:, :, None] * 4 + lane), shape)
             high = tl.reshape(tl.load(sign_table_ptr + (byte >> 4)[:, :, None] * 4 + lane), shape)
-            sketched = tl.dot(sq_low, tl.trans(low)) + tl.dot(sq_high, tl.trans(high))
+            sketched = tl.dot(low, sq_low) + tl.dot(high, sq_high)
             rnorm = _entry_fp16(krnorm_ptr, entry, nmask).to(tl.float32)
-            score += sketched * (rnorm[None, :] * (1.2533141373155003 / M))
+            score += sketched * (rnorm[:, None] * (1.2533141373155003 / M))
         return score
 
     @triton.jit
@@ -972,16 +973,17 @@ if triton is not None:
 
     @triton.jit
     def _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd):
-        """A block's scores s (BLOCK_H, N), log2 units, -inf where masked, and its values' even and odd halves (N,
-        D // 2) folded into the running max, sum and output halves; a block with every entry masked changes nothing."""
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        """A block's scores s (N, BLOCK_H), log2 units, -inf where masked, and its values' even and odd halves (N,
+        D // 2) folded into the running max, sum and transposed output halves (D // 2, BLOCK_H); a block with every
+        entry masked changes nothing."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s - m_ref[None, :])
         alpha = tl.exp2(m_i - m_ref)
         p16 = p.to(tl.float16)
-        acc_even = acc_even * alpha[:, None] + tl.dot(p16, v_even.to(tl.float16))
-        acc_odd = acc_odd * alpha[:, None] + tl.dot(p16, v_odd.to(tl.float16))
-        return m_new, l_i * alpha + tl.sum(p, axis=1), acc_even, acc_odd
+        acc_even = acc_even * alpha[None, :] + tl.dot(tl.trans(v_even.to(tl.float16)), p16)
+        acc_odd = acc_odd * alpha[None, :] + tl.dot(tl.trans(v_odd.to(tl.float16)), p16)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc_even, acc_odd
 
     @triton.jit
     def _attend_block(q, n0, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
@@ -1002,7 +1004,7 @@ if triton is not None:
         s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables, KEY, D, GROUP,
                         M) * score_scale
         if MASKED:
-            s = tl.where(nmask[None, :], s, float("-inf"))
+            s = tl.where(nmask[:, None], s, float("-inf"))
         v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, tables, VALUE, D, GROUP)
         return _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
 
@@ -1042,21 +1044,22 @@ if triton is not None:
         log2_scale = sm_scale * 1.4426950408889634
         score_scale = log2_scale
         if KEY == "exact":
-            q = q_in.to(kq_ptr.dtype.element_ty)
+            q = tl.trans(q_in.to(kq_ptr.dtype.element_ty))
         else:
             q_in *= log2_scale
             score_scale = 1.0
-            q = _even_odd_halves(q_in.to(tl.float16))
+            q_even, q_odd = _even_odd_halves(q_in.to(tl.float16))
+            q = (tl.trans(q_even), tl.trans(q_odd))
         if KEY == "qjl":
             sq_low, sq_high = _nibble_halves(_sketch(q_in, sketch_ptr, M).to(tl.float16))
-            q = (q[0], q[1], sq_low, sq_high)
+            q = (q[0], q[1], tl.trans(sq_low), tl.trans(sq_high))
         tables = 0  # read by tq4 codes only
         if (KEY == "tq4") | (KEY == "qjl") | (VALUE == "tq4"):
             tables = _tq4_tables(tq4_tables_ptr, D)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
-        acc_even = tl.zeros((BLOCK_H, D // 2), tl.float32)
-        acc_odd = tl.zeros((BLOCK_H, D // 2), tl.float32)
+        acc_even = tl.zeros((D // 2, BLOCK_H), tl.float32)
+        acc_odd = tl.zeros((D // 2, BLOCK_H), tl.float32)
         row = (b * H + h) * CAP
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for n0 in range(start, full_end, BLOCK_N):
@@ -1074,7 +1077,7 @@ if triton is not None:
                 live = (j < RECENT) & (newest - p < length)
                 ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
                 k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
-                s = tl.where(live[None, :], tl.dot(q_in.to(tl.float16), tl.trans(k)) * score_scale, float("-inf"))
+                s = tl.where(live[:, None], tl.dot(k, tl.trans(q_in.to(tl.float16))) * score_scale, float("-inf"))
                 if RECENT_VALUES:
                     v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
                 else:
@@ -1084,6 +1087,7 @@ if triton is not None:
         filled = l_i > 0
         l_safe = tl.where(filled, l_i, 1.0)
         denom = l_safe[:, None]
+        acc_even, acc_odd = tl.trans(acc_even), tl.trans(acc_odd)
         if NSPLIT == 1:
             _store_even_odd(out_ptr + heads[:, None] * D, acc_even / denom, acc_odd / denom, hmask[:, None])
         else:
@@ -1246,7 +1250,7 @@ class TritonAttendMixin:
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
             M=self.cfg.qjl_dim, RECENT=self.recent, RECENT_VALUES=self.recent_values,
-            BLOCK_RECENT=max(16, triton.next_power_of_2(self.recent)), BLOCK_H=max(16, triton.next_power_of_2(g)),
+            BLOCK_RECENT=max(16, triton.next_power_of_2(self.recent)), BLOCK_H=max(8, triton.next_power_of_2(g)),
             BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.max_registers)
         return out
@@ -1279,8 +1283,8 @@ class RotatedAttendMixin(TritonAttendMixin):
         return super().attend(q if isinstance(q, RotatedQuery) else self.as_query(q))
 
     def attend(self, q):
-        out = self.attend_in_basis(q)
-        return out if self.output_basis is None else (out.float() @ self.output_basis.T).to(self.dtype)
+        out, basis = self.attend_in_basis(q), self.output_basis
+        return out if basis is None else (out.float() @ basis.T).to(self.dtype)
 
 
 class ExactTritonCache(TritonAttendMixin, ExactCache):
@@ -1296,9 +1300,9 @@ class ExactTritonCache(TritonAttendMixin, ExactCache):
 
 class Int8TritonCache(TritonAttendMixin, Int8Cache):
     name, key_codec, value_codec = "int8_triton", "int8", "int8"
-    # Bandwidth regime swept on one H200 at ctx 1024 x batch 1024 (72 settings): the fastest, 2.7% ahead of the
-    # setting before the word-wise decoder (64, 2, 3, 8, 128); the top five lie within 1.5%
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 4, None)}
+    # Bandwidth regime swept on one H200 at ctx 1024 x batch 1024, the scored eval's shape (48 settings, one-warp
+    # programs in the grid): 148.7 us, against 173.0 for the former fastest (64, 2, 3, 4, None)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 1, 3, 8, None)}
 
     def codes(self):
         return KernelCodes.of(self.k_q, self.k_s, self.v_q, self.v_s)
@@ -1306,7 +1310,9 @@ class Int8TritonCache(TritonAttendMixin, Int8Cache):
 
 class QJLTritonCache(RotatedAttendMixin, QJLCache):
     name, key_codec = "qjl_triton", "qjl"
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 8, 128)}  # int8's, until a sweep
+    # Bandwidth regime swept on one H200 at ctx 1024 x batch 1024 (108 settings): the fastest, 270.9 us (the fastest
+    # without a register cap, (128, 2, 3, 4, None), 277.2)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 2, 3, 8, 128)}
 
     @property
     def value_codec(self) -> str:
@@ -1326,10 +1332,10 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 (48 settings, one-warp programs now in the grid): the best at 16384x64
-    # (188.9 us, against 209.5 for the former (64, 2, 3, 4, 128)) and at 1024x1024 (207.4 us, against 221.7); with
-    # the scales read as words (_entry_fp16) 170.1 and 186.1 us
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (64, 1, 3, 8, None)}
+    # Bandwidth regime swept on one H200 (64 settings a shape: blocks of 16-128, 1-2 warps, 8 or 16 programs per SM,
+    # no cap or 168 registers), scores as keys x q^T (8f6b0c2): the fastest at 16384x64, 158.3 us, and within 1.2%
+    # of the fastest at 1024x1024, 162.3 us, against 160.3 and 171.0 for the former (64, 1, 3, 8, None)
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (32, 1, 3, 16, 168)}
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)
