@@ -6,6 +6,7 @@ spending device time on it.
 
     python benchmarks/attend_sass.py --backends int8_triton,tq4_triton --regime bandwidth
     python benchmarks/attend_sass.py --backends int8_triton --rev 21e2068   # against a commit's triton_kv_ops.py
+    python benchmarks/attend_sass.py --backends tq4_triton --write          # the KV write kernel instead
 
 The launch arguments are those the backend's attend passes (recorded from a call on the CPU), specialized as
 Triton's JIT does (pointers 16-byte aligned, integers divisible by 16 marked so).
@@ -73,6 +74,22 @@ def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
     return real, *recorder.call
 
 
+def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
+    """The arguments `name`'s fused prologue passes to the KV write kernel in `regime` (1 row: latency, a KV head a
+    program; 1,024 rows: bandwidth, all of a row's KV heads a program)."""
+    cls = {c.name: c for c in kv.TRITON_BACKENDS}[name]
+    batch = 1024 if regime == "bandwidth" else 1
+    cache = cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
+    recorder = Recorder()
+    kv._kv_write_kernel, real = recorder, kv._kv_write_kernel
+    try:
+        qkv = torch.randn(batch, (4 * g + 8) * d, dtype=torch.bfloat16)
+        cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g))
+    finally:
+        kv._kv_write_kernel = real
+    return real, *recorder.call
+
+
 def compile_sm90(fn, args, kwargs):
     """The kernel built for sm_90 as the JIT would specialize these arguments -> its SASS text."""
     import triton
@@ -106,8 +123,18 @@ def compile_sm90(fn, args, kwargs):
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
+def opcode_mix(lines: list[str]) -> collections.Counter:
+    """Opcode counts of SASS lines, without modifiers or predicates."""
+    mix = collections.Counter()
+    for line in lines:
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            mix[m.group(1)] += 1
+    return mix
+
+
 def loop_mix(sass: str) -> collections.Counter:
-    """Opcode counts (no modifiers or predicates) of the body of the kernel's longest backward branch: the loop."""
+    """Opcode counts of the body of the kernel's longest backward branch: the loop."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
@@ -115,12 +142,7 @@ def loop_mix(sass: str) -> collections.Counter:
     if not loops:
         raise SystemExit("no loop found in the kernel's SASS")
     start, end = max(loops, key=lambda se: se[1] - se[0])
-    mix = collections.Counter()
-    for line in lines[start:end + 1]:
-        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if m:
-            mix[m.group(1)] += 1
-    return mix
+    return opcode_mix(lines[start:end + 1])
 
 
 def main() -> None:
@@ -132,10 +154,19 @@ def main() -> None:
     p.add_argument("--capacity", type=int, default=1024)
     p.add_argument("--rev", help="also build a commit's triton_kv_ops.py, beside the working tree's")
     p.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
+    p.add_argument("--write", action="store_true", help="instead: the fused prologue's KV write kernel, all of it (it "
+                   "has no loop; bandwidth: 1,024 rows, latency: 1)")
     a = p.parse_args()
     versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
     for name in a.backends.split(","):
         for label, kv in versions:
+            if a.write:
+                fn, args, kwargs = write_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
+                mix = opcode_mix(compile_sm90(fn, args, kwargs).splitlines())
+                top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
+                print(f"{name:<20} {label:<8} {a.regime} write kernel, {kwargs['num_warps']} warps: "
+                      f"{sum(mix.values())} instructions per thread  {top}", flush=True)
+                continue
             fn, args, kwargs = attend_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
             mix = loop_mix(compile_sm90(fn, args, kwargs))
             launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))

@@ -492,3 +492,18 @@ def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
     assert hmma == {"int8_triton": 32, "bf16_triton": 32}
     if tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 8):
         assert per_entry["int8_triton"] <= 1.25 * per_entry["bf16_triton"], per_entry
+
+
+def test_attend_sass_builds_the_write_kernel():
+    """attend_sass.py --write builds the fused prologue's KV write kernel: tq4 rotates its 16-row tiles of queries
+    and keys, and of values, by two fp16 tensor-core dots each against H (64x64x16 on two warps: 16 HMMA a dot a
+    warp); int8 rotates nothing."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attend_sass.py"), "--backends",
+                          "tq4_triton,int8_triton", "--write", "--top", "60"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mix = {line.split()[0]: dict(op.split(":") for op in line.split("per thread")[1].split())
+           for line in out.stdout.splitlines()}
+    assert int(mix["tq4_triton"]["HMMA"]) == 64 and "HMMA" not in mix["int8_triton"], mix
