@@ -58,36 +58,40 @@ class Recorder:
         return lambda *args, **kwargs: setattr(self, "call", (args, kwargs))
 
 
-def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
-    """The arguments `name`'s attend passes to the attention kernel in `regime` (1 row: latency; 64: bandwidth)."""
+def recorded_call(kv, kernel: str, launch):
+    """(the kernel, the arguments `launch()` passes it): kv's kernel `kernel` records the call instead of running."""
+    recorder, real = Recorder(), getattr(kv, kernel)
+    setattr(kv, kernel, recorder)
+    try:
+        launch()
+    finally:
+        setattr(kv, kernel, real)
+    return real, *recorder.call
+
+
+def backend_cache(kv, name: str, batch: int, g: int, d: int, capacity: int):
     cls = {c.name: c for c in kv.TRITON_BACKENDS}[name]
+    return cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
+
+
+def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
+    """The attention kernel and the arguments `name`'s attend passes it in `regime` (1 row: latency; 64: bandwidth)."""
     batch = 64 if regime == "bandwidth" else 1
-    cache = cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
+    cache = backend_cache(kv, name, batch, g, d, capacity)
     cache.settings = cache.launch[regime]
     cache.lengths.fill_(capacity)
-    recorder = Recorder()
-    kv._attend_kernel, real = recorder, kv._attend_kernel
-    try:
-        cache.attend(torch.randn(batch, 4 * g, d, dtype=torch.bfloat16))
-    finally:
-        kv._attend_kernel = real
-    return real, *recorder.call
+    q = torch.randn(batch, 4 * g, d, dtype=torch.bfloat16)
+    return recorded_call(kv, "_attend_kernel", lambda: cache.attend(q))
 
 
 def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
-    """The arguments `name`'s fused prologue passes to the KV write kernel in `regime` (1 row: latency, a KV head a
-    program; 1,024 rows: bandwidth, all of a row's KV heads a program)."""
-    cls = {c.name: c for c in kv.TRITON_BACKENDS}[name]
+    """The KV write kernel and the arguments `name`'s fused prologue passes it in `regime` (1 row: latency, a KV
+    head a program; 1,024 rows: bandwidth, all of a row's KV heads a program)."""
     batch = 1024 if regime == "bandwidth" else 1
-    cache = cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
-    recorder = Recorder()
-    kv._kv_write_kernel, real = recorder, kv._kv_write_kernel
-    try:
-        qkv = torch.randn(batch, (4 * g + 8) * d, dtype=torch.bfloat16)
-        cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g))
-    finally:
-        kv._kv_write_kernel = real
-    return real, *recorder.call
+    cache = backend_cache(kv, name, batch, g, d, capacity)
+    qkv = torch.randn(batch, (4 * g + 8) * d, dtype=torch.bfloat16)
+    return recorded_call(kv, "_kv_write_kernel",
+                         lambda: cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g)))
 
 
 def compile_sm90(fn, args, kwargs):
