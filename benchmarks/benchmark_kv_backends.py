@@ -1,5 +1,7 @@
-"""Per KV backend: us per attend, achieved GB/s (bytes the cache must read) against the measured
-copy bandwidth, bytes per token, peak CUDA memory over baseline, speedup over the torch reference.
+"""Per KV backend: us per attention step as the decoder runs it (attend_in_basis: tq4's output stays in its rotated
+basis, which the decoder folds into the output projection; attend would add a cast, a GEMM and a cast), achieved
+GB/s (bytes the cache must read) against the measured copy bandwidth, bytes per token, peak CUDA memory over
+baseline, speedup over the torch reference.
 --sweep instead times the Triton backends' launch settings (block, warps, stages, programs per SM, register cap)
 per shape, each checked against its torch reference, and prints the fastest.
 
@@ -98,7 +100,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                 cache.__dict__.pop("splits", None)  # re-plan the splits for these settings
                 try:
                     got = cache.attend(q).float()
-                    us = bench(lambda c=cache, x=q: c.attend(x), reps=5, inner=10) * 1000
+                    us = bench(lambda c=cache, x=q: c.attend_in_basis(x), reps=5, inner=10) * 1000
                 except Exception as e:  # a setting the compiler refuses (shared memory, registers) is reported
                     print(f"{name} ctx {ctx} B {b} {settings}: {type(e).__name__}")
                     continue
@@ -145,7 +147,7 @@ def main() -> None:
                 cache.lengths.fill_(ctx)
                 held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                ms = bench(lambda c=cache, x=q: c.attend(x))
+                ms = bench(lambda c=cache, x=q: c.attend_in_basis(x))
                 peak = torch.cuda.max_memory_allocated() - held
                 us = ms * 1000
                 ref_us[name] = us
