@@ -53,14 +53,22 @@ def full_cache_tok_s(args, model, val, backend: str, batch: int, steps: int, dev
     return batch * steps / (time.perf_counter() - t0)
 
 
-def profile(args, model, val, backend: str, batch: int, device) -> None:
-    """Per-kernel CUDA times of 64 graph replays at `batch`, every cache full (the ring eval's steady state)."""
-    decoder = ring_decoder(args, model, val, backend, batch, 64, device)
+def profile(args, model, val, backend: str, batch: int, device, steps: int = 64) -> None:
+    """Per-kernel CUDA times of `steps` graph replays at `batch`, every cache full (the ring eval's steady state):
+    a line per kernel, its share of a step's CUDA time and its time a call."""
+    decoder = ring_decoder(args, model, val, backend, batch, steps, device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(64):
+        for _ in range(steps):
             decoder.graph.replay()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                     key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"profile {backend} batch {batch}: {total / steps:.1f} us of CUDA time a decode step ({steps} steps)")
+    for e in kernels[:12]:
+        print(f"profile {backend} batch {batch}  {e.key[:60]:<60} {e.self_device_time_total / 1e3:9.3f} ms "
+              f"{100 * e.self_device_time_total / total:5.1f}%  {e.count // steps:>3} a step, "
+              f"{e.self_device_time_total / e.count:8.2f} us a call")
 
 
 def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, device) -> list[dict]:

@@ -10,6 +10,8 @@
 #                   pass through to the trainer
 #   decode          AR throughput of the last artifact (or $ART; with neither, a random model) per DECODE_BACKENDS at
 #                   DECODE_BATCHES
+#   profile         per-kernel CUDA times of 64 decode steps, every cache full, per DECODE_BACKENDS at PROFILE_BATCH
+#                   (default 1024), of the last artifact (or $ART; with neither, a random model)
 #   ring            the last artifact (or $ART) rescored by the ring eval over RING_TOKENS targets: exact, then
 #                   each of RING_BACKENDS with its delta vs exact (KV_* settings from the environment)
 #   kv              the KV backend benchmark at KV_CONTEXTS x KV_BATCHES;  sweep: launch settings at SHAPES
@@ -58,6 +60,14 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         --backends ${DECODE_BACKENDS:-int8_triton,tq4_triton} --batches ${DECODE_BATCHES:-1,1024} \
         --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
+    profile)
+      art=${ART:-$(last_artifact)}
+      rc=0
+      for backend in $(echo "${DECODE_BACKENDS:-int8_triton,tq4_triton}" | tr , ' '); do
+        timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
+          --backends "$backend" --profile "${PROFILE_BATCH:-1024}" 2>&1 | grep -E "^profile|Error" | tee -a "$OUT/summary.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
     ring)
       art=${ART:-$(last_artifact)}
       timeout ${RING_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py --artifact "$art" --data-path "$DATA" \
