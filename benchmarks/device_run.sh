@@ -19,6 +19,10 @@
 #   gpu_tests       tests/test_kv.py with the kernels compiled for the GPU (TRITON_INTERPRET=0), GPU_TESTS: a -k filter
 #   artifact        the last artifact (or $ART) copied to $OUT, to score it on another machine (device files: 16 MiB)
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
+# Two versions on one machine (machines differ by several percent): stage the other one in the git-ignored, carried
+# .device folder, `mkdir -p .device/rev/X && git archive X | tar -x -C .device/rev/X`, and in the same call run both,
+# sharing the shards: `(cd .device/rev/X && OUT=$OUT/X DATA=$PWD/../../../data/datasets/wikipedia_sp1024 \
+#   CORPUS=$PWD/../../wikipedia STAGES="kv profile" bash benchmarks/device_run.sh)`.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
