@@ -106,6 +106,8 @@ def main() -> None:
                    "over the first N validation targets (needs --artifact)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("times CUDA kernels and graphs: run it on a GPU machine (benchmarks/device_run.sh)")
     if a.ring_tokens and not a.artifact:
         p.error("--ring-tokens rescores a trained model: pass --artifact")
     device = torch.device("cuda")

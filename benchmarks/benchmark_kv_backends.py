@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--shapes", default="1024x1,16384x64,1024x512", help="--sweep: context x batch")
     p.add_argument("--out", type=Path, default=Path("kv_bench.json"))
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("times CUDA kernels and graphs: run it on a GPU machine (benchmarks/device_run.sh)")
     cfg = kv.KVConfig(group_size=32, value_bits=4)
     if a.sweep:
         return sweep(a, cfg)
