@@ -992,8 +992,8 @@ if triton is not None:
                       RECENT: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
         """The entries n0 .. n0 + BLOCK_N of the cache row `row` (its first slot) folded into the online softmax. A
         block wholly before `end` runs unmasked (MASKED false: no compares, selects or predicated loads; masked, the
-        loop takes 569 instructions per thread per 64 entries for int8 against 515, 1,199 for tq4 at one warp against
-        1,101); the last block of a split masks the entries past `end`."""
+        loop would take 927 instructions per thread a block for int8 against 832, 587 for tq4 against 554, at their
+        bandwidth launches: benchmarks/attend_sass.py); the last block of a split masks the entries past `end`."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end if MASKED else tl.full((BLOCK_N,), 1, tl.int1)
         slot = offs_n
