@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled, not interpreted: set before triton is imported
 import torch  # noqa: E402
@@ -94,8 +95,21 @@ def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
                          lambda: cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g)))
 
 
-def compile_sm90(fn, args, kwargs):
-    """The kernel built for sm_90 as the JIT would specialize these arguments -> its SASS text."""
+class Build(NamedTuple):
+    sass: str
+    registers: int  # a thread's
+    shared: int  # bytes a program
+
+
+def programs_an_sm_holds(build: Build, warps: int) -> int:
+    """The programs of this build an H100/H200 SM runs at once: 65,536 registers (a warp takes its threads'
+    registers rounded up to 8 each), 228 KiB of shared memory (1 KiB more a program), 32 programs, 64 warps."""
+    by_registers = 65536 // (-(-build.registers // 8) * 8 * 32 * warps)
+    return min(by_registers, 233472 // (build.shared + 1024), 32, 64 // warps)
+
+
+def compile_sm90(fn, args, kwargs) -> Build:
+    """The kernel built for sm_90 as the JIT would specialize these arguments: its SASS, registers and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -120,11 +134,14 @@ def compile_sm90(fn, args, kwargs):
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if kwargs.get(k) is not None}
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=options)
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout  # noqa: E731
+        sass = run(str(tools / "nvdisasm"), "-c", f.name)
+        usage = run(str(tools / "cuobjdump"), "--dump-resource-usage", f.name)
+    return Build(sass, int(re.search(r"REG:(\d+)", usage).group(1)), kernel.metadata.shared)
 
 
 def opcode_mix(lines: list[str]) -> collections.Counter:
@@ -166,19 +183,23 @@ def main() -> None:
         for label, kv in versions:
             if a.write:
                 fn, args, kwargs = write_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
-                mix = opcode_mix(compile_sm90(fn, args, kwargs).splitlines())
+                build = compile_sm90(fn, args, kwargs)
+                mix = opcode_mix(build.sass.splitlines())
                 top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
-                print(f"{name:<20} {label:<8} {a.regime} write kernel, {kwargs['num_warps']} warps: "
-                      f"{sum(mix.values())} instructions per thread  {top}", flush=True)
+                print(f"{name:<20} {label:<8} {a.regime} write kernel, {kwargs['num_warps']} warps, "
+                      f"{build.registers} registers: {sum(mix.values())} instructions per thread  {top}", flush=True)
                 continue
             fn, args, kwargs = attend_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
-            mix = loop_mix(compile_sm90(fn, args, kwargs))
+            build = compile_sm90(fn, args, kwargs)
+            mix = loop_mix(build.sass)
             launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))
             total = sum(mix.values())
             per_entry = total * 32 * kwargs["num_warps"] / kwargs["BLOCK_N"]  # comparable across launch settings
             top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
-            print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {total} instructions per "
-                  f"thread per loop iteration ({per_entry:.0f} per cached entry)  {top}", flush=True)
+            print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {build.registers} registers, "
+                  f"{build.shared} B shared, {programs_an_sm_holds(build, kwargs['num_warps'])} programs an SM; "
+                  f"{total} instructions per thread per loop iteration ({per_entry:.0f} per cached entry)  {top}",
+                  flush=True)
 
 
 if __name__ == "__main__":
