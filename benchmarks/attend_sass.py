@@ -9,7 +9,9 @@ spending device time on it.
     python benchmarks/attend_sass.py --backends tq4_triton --write          # the KV write kernel instead
 
 The launch arguments are those the backend's attend passes (recorded from a call on the CPU), specialized as
-Triton's JIT does (pointers 16-byte aligned, integers divisible by 16 marked so).
+Triton's JIT does (pointers 16-byte aligned, integers divisible by 16 marked so). Builds differ by Triton version (the
+device's 3.6 gives tq4's bandwidth launch 159 registers, 3.9 145): for the device's, run it from a venv that has it,
+`python -m venv --system-site-packages v36 && v36/bin/pip install triton==3.6.0`.
 """
 
 from __future__ import annotations
