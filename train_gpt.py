@@ -820,8 +820,8 @@ ARTIFACT_HEADER = struct.Struct("<8sIBQ32s")  # the fields, then sha256(fields +
 
 
 def huffman_deflate(b: bytes) -> bytes:
-    """Deflate without string matches, zlib's output where smaller (zlib.decompress reads both): on quantized codes
-    (i.i.d. symbols) matches cost more than they save (Gaussian rows, int5: 4.46 bits/weight against 4.93; lzma 4.70)."""
+    """Deflate by Huffman coding alone, no string matches (zlib.decompress reads it): on quantized codes (i.i.d.
+    symbols) matches cost more than they save (Gaussian rows, int5: 4.46 bits/weight against 4.93; lzma 4.70)."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
     return deflate.compress(b) + deflate.flush()
 

@@ -183,26 +183,21 @@ def main() -> None:
     versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
     for name in a.backends.split(","):
         for label, kv in versions:
+            call = write_call if a.write else attend_call
+            fn, args, kwargs = call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
+            build, warps = compile_sm90(fn, args, kwargs), kwargs["num_warps"]
+            mix = opcode_mix(build.sass.splitlines()) if a.write else loop_mix(build.sass)
+            total, top = sum(mix.values()), " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
             if a.write:
-                fn, args, kwargs = write_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
-                build = compile_sm90(fn, args, kwargs)
-                mix = opcode_mix(build.sass.splitlines())
-                top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
-                print(f"{name:<20} {label:<8} {a.regime} write kernel, {kwargs['num_warps']} warps, "
-                      f"{build.registers} registers: {sum(mix.values())} instructions per thread  {top}", flush=True)
+                print(f"{name:<20} {label:<8} {a.regime} write kernel, {warps} warps, {build.registers} registers: "
+                      f"{total} instructions per thread  {top}", flush=True)
                 continue
-            fn, args, kwargs = attend_call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
-            build = compile_sm90(fn, args, kwargs)
-            mix = loop_mix(build.sass)
             launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))
-            total = sum(mix.values())
-            per_entry = total * 32 * kwargs["num_warps"] / kwargs["BLOCK_N"]  # comparable across launch settings
-            top = " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))
+            per_entry = total * 32 * warps / kwargs["BLOCK_N"]  # comparable across launch settings
             print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {build.registers} registers, "
-                  f"{build.shared} B shared, {programs_an_sm_holds(build, kwargs['num_warps'])} programs an SM; "
+                  f"{build.shared} B shared, {programs_an_sm_holds(build, warps)} programs an SM; "
                   f"{total} instructions per thread per loop iteration ({per_entry:.0f} per cached entry)  {top}",
                   flush=True)
-
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))

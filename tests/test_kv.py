@@ -470,21 +470,26 @@ def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     assert coded_ring.bytes_per_token() == ref_ring.bytes_per_token()
 
 
+def attend_sass(*args: str) -> dict[str, str]:
+    """benchmarks/attend_sass.py's output line per backend, run with `args`."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attend_sass.py"), *args], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {line.split()[0]: line for line in out.stdout.splitlines()}
+
+
 def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
     """benchmarks/attend_sass.py builds the attention kernel for sm_90 without a GPU: the loop of a 64-entry block
     holds the tile's 32 m16n8k16 dots (scores 64x8x64, values two 32x8x64), spread over the launch's warps. Decoding
     int8 a word at a time keeps its loop within 1.25x of the exact cache's instructions per cached entry under triton
     3.8 (1.02x at two warps a program, 1.03x now that int8 takes one; code by code it took 1.69x). Other compilers
     lay the tiles out otherwise: triton 3.6 (the device's) gave 1.30x at two warps."""
-    import subprocess
-    import sys
-
     import triton
 
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attend_sass.py"), "--backends",
-                          "int8_triton,bf16_triton", "--top", "40"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    lines = attend_sass("--backends", "int8_triton,bf16_triton", "--top", "40")
     per_entry = {name: float(line.split("(")[1].split()[0]) for name, line in lines.items()}
     warps = {name: int(line.split("block/warps/stages/regs ")[1].split("/")[1]) for name, line in lines.items()}
     hmma = {name: int(dict(op.split(":") for op in line.split("entry)")[1].split())["HMMA"]) * warps[name]
@@ -498,12 +503,6 @@ def test_attend_sass_builds_the_write_kernel():
     """attend_sass.py --write builds the fused prologue's KV write kernel: tq4 rotates its 16-row tiles of queries
     and keys, and of values, by two fp16 tensor-core dots each against H (64x64x16 on two warps: 16 HMMA a dot a
     warp); int8 rotates nothing."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attend_sass.py"), "--backends",
-                          "tq4_triton,int8_triton", "--write", "--top", "60"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    mix = {line.split()[0]: dict(op.split(":") for op in line.split("per thread")[1].split())
-           for line in out.stdout.splitlines()}
+    lines = attend_sass("--backends", "tq4_triton,int8_triton", "--write", "--top", "60")
+    mix = {name: dict(op.split(":") for op in line.split("per thread")[1].split()) for name, line in lines.items()}
     assert int(mix["tq4_triton"]["HMMA"]) == 64 and "HMMA" not in mix["int8_triton"], mix
