@@ -19,10 +19,10 @@
 #   gpu_tests       tests/test_kv.py with the kernels compiled for the GPU (TRITON_INTERPRET=0), GPU_TESTS: a -k filter
 #   artifact        the last artifact (or $ART) copied to $OUT, to score it on another machine (device files: 16 MiB)
 # Training runs use CODE_DIR's train_gpt.py (default: the top level; a records folder to refresh its logs).
-# Two versions on one machine (machines differ by several percent): stage the other one in the git-ignored, carried
-# .device folder, `mkdir -p .device/rev/X && git archive X | tar -x -C .device/rev/X`, and in the same call run both,
-# sharing the shards: `(cd .device/rev/X && OUT=$OUT/X DATA=$PWD/../../../data/datasets/wikipedia_sp1024 \
-#   CORPUS=$PWD/../../wikipedia STAGES="kv profile" bash benchmarks/device_run.sh)`.
+# Versions side by side on one machine (machines differ by several percent): REVS="main tq4-write" runs each stage
+# once per version, in turn, each from its own tree, staged beforehand in the git-ignored, carried .device folder:
+#   for r in main tq4-write; do mkdir -p .device/rev/$r && git archive $r | tar -x -C .device/rev/$r; done
+# The versions share the shards; each keeps its runs and logs under $OUT/REV, its summary lines prefixed "REV: ".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
@@ -30,18 +30,39 @@ CORPUS=${CORPUS:-$ROOT/.device/wikipedia}
 DATA=${DATA:-$ROOT/data/datasets/wikipedia_sp1024}  # git-ignored: kept while the machine stays warm
 RUNS=${RUNS:-/tmp/runs}
 TOKENIZER=$ROOT/data/tokenizers/fineweb_1024_bpe.model
+OUT=$(realpath -m "$OUT"); CORPUS=$(realpath -m "$CORPUS"); DATA=$(realpath -m "$DATA"); RUNS=$(realpath -m "$RUNS")
+[ -z "${ART:-}" ] || export ART=$(realpath -m "$ART")  # every version of REVS scores the same one
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 cd "$ROOT"
 status=0
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
+if [ -z "${REV:-}" ]; then  # a version run by REVS: its caller wrote the header
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
+fi
 if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
   t0=$(date +%s)
   python3 data/build_shards.py --input "$CORPUS"/enwiki_0*.jsonl.xz --val-tokens 2000000 --out "$DATA" \
     > "$RUNS/build_shards.out" 2>&1 || { note "build_shards failed: see $RUNS/build_shards.out"; tail -5 "$RUNS/build_shards.out"; exit 1; }
   note "shards built in $(( $(date +%s) - t0 )) s: $(ls "$DATA" | wc -l) files"
+fi
+if [ -n "${REVS:-}" ]; then
+  for rev in $REVS; do
+    [ -f "$ROOT/.device/rev/$rev/benchmarks/device_run.sh" ] || {
+      note "REVS: $rev is not staged; stage it with: mkdir -p .device/rev/$rev && git archive $rev | tar -x -C .device/rev/$rev"
+      exit 2; }
+  done
+  for stage in ${STAGES:?set STAGES, e.g. kv profile}; do
+    for rev in $REVS; do
+      mkdir -p "$OUT/$rev" && touch "$OUT/$rev/summary.txt"
+      seen=$(wc -l < "$OUT/$rev/summary.txt")
+      (cd "$ROOT/.device/rev/$rev" && REVS= REV=$rev STAGES=$stage OUT=$OUT/$rev RUNS=$RUNS/$rev DATA=$DATA CORPUS=$CORPUS \
+        bash benchmarks/device_run.sh >> "$OUT/$rev/console.log" 2>&1) || status=1
+      tail -n +$((seen + 1)) "$OUT/$rev/summary.txt" | sed "s|^|$rev: |" | tee -a "$OUT/summary.txt"
+    done
+  done
+  exit $status
 fi
 last_artifact() { ls -t "$RUNS"/*/final_model.*.ptz 2>/dev/null | head -1; }
 for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
