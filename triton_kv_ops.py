@@ -1119,6 +1119,8 @@ def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per
 
 # Attention launch settings: (block_n, num_warps, num_stages, programs per SM, register cap or None).
 Launch = tuple[int, int, int, int, int | None]
+# KV write launch settings: (KV heads a program, num_warps).
+WriteLaunch = tuple[int, int]
 
 
 class RotatedQuery(NamedTuple):
@@ -1170,10 +1172,9 @@ class TritonAttendMixin:
     # long blocks, and a register cap where more programs per SM hide more latency than the spills cost.
     launch: dict[str, Launch]
     # Overrides, set on an instance before its first call (both are planned once, in _plan): the attention
-    # launch settings, and the KV heads per write program (else one each in the latency regime, and all of a
-    # row's heads in the bandwidth regime, so a sketch or rotation loads once per row).
+    # launch settings and the write kernel's.
     settings: Launch | None = None
-    write_group: int | None = None
+    write_settings: WriteLaunch | None = None
 
     def codes(self) -> KernelCodes:
         raise NotImplementedError
@@ -1197,11 +1198,18 @@ class TritonAttendMixin:
     def launch_settings(self) -> Launch:
         return self.settings or self.launch["bandwidth" if self.bandwidth_bound() else "latency"]
 
+    def write_launch(self) -> WriteLaunch:
+        """Bandwidth regime: all of a row's KV heads in a program, so a sketch or rotation loads once per row, in 2
+        warps (QJL prologue, batch 512: 8.3 against 11.9 us in 4). Latency regime: a KV head a program, in 4 warps."""
+        return self.write_settings or ((self.heads, 2) if self.bandwidth_bound() else (1, 4))
+
     def _plan(self):
         if not hasattr(self, "splits"):
             self.block_n, self.num_warps, self.num_stages, programs_per_sm, self.max_registers = self.launch_settings()
-            self.heads_per_write = self.write_group or (self.heads if self.bandwidth_bound() else 1)
-            self.write_warps = 2 if self.bandwidth_bound() else 4  # QJL prologue, batch 512: 8.3 against 11.9 us
+            self.heads_per_write, self.write_warps = self.write_launch()
+            if self.heads % self.heads_per_write:
+                raise ValueError(f"write settings {self.write_launch()}: {self.heads_per_write} KV heads a program do "
+                                 f"not divide the cache's {self.heads}")
             self.splits, self.chunk = split_plan(self.batch, self.heads, self.capacity, self.block_n, programs_per_sm,
                                                  self.device)
             parts = self.batch * self.q_heads * self.splits

@@ -1,9 +1,11 @@
 """Per KV backend: us per attention step as the decoder runs it (attend_in_basis: tq4's output stays in its rotated
 basis, which the decoder folds into the output projection; attend would add a cast, a GEMM and a cast), achieved
 GB/s (bytes the cache must read) against the measured copy bandwidth, bytes per token, peak CUDA memory over
-baseline, speedup over the torch reference.
---sweep instead times the Triton backends' launch settings (block, warps, stages, programs per SM, register cap)
-per shape, each checked against its torch reference, and prints the fastest.
+baseline, speedup over the torch reference; and us per KV write as the decoder runs it (the fused prologue: a
+token's QKV row normed, rotated and its K and V coded into the cache, every row active).
+--sweep instead times the Triton backends' launch settings per shape, each checked against its torch reference,
+and prints the fastest: the attention's (block, warps, stages, programs per SM, register cap), then the write
+kernel's (KV heads a program, warps).
 
     python benchmarks/benchmark_kv_backends.py --out kv_bench.json
     python benchmarks/benchmark_kv_backends.py --sweep --shapes 1024x1,16384x64,1024x512
@@ -55,6 +57,16 @@ def bench(fn, reps=20, inner=25) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def write_args(cache: kv.KVCache, a) -> tuple:
+    """The fused prologue's arguments for one decode step: a random QKV row per batch row, at positions past the
+    capacity (the cache stays full, as in the ring eval's steady state; rows write different slots)."""
+    device = cache.device
+    qkv = torch.randn(cache.batch, (a.q_heads + 2 * a.kv_heads) * a.head_dim, device=device, dtype=cache.dtype)
+    positions = cache.capacity - 1 + torch.arange(cache.batch, device=device)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, a.head_dim, 2, device=device).float() / a.head_dim)
+    return qkv, positions, inv_freq, torch.rand(a.q_heads, device=device) + 0.5
+
+
 def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVCache:
     """A full cache of random codes and scales: never time on zeros."""
     cache = kv.make_kv_cache(name, batch, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda", torch.bfloat16, cfg)
@@ -76,7 +88,34 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led)
          "tq4": ((16, 32, 64, 128), (1, 2), (2, 3), (8, 16), (None, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
+WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
+
+
+def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
+    """The write kernel's launch settings on `cache`: each timed on the prologue, its query checked against ref's."""
+    args = write_args(cache, a)
+    want = cache.as_query(ref.prologue(*args))
+    want = (want.values if isinstance(want, kv.RotatedQuery) else want).float()
+    rows = []
+    cache.settings = None
+    for settings in itertools.product([h for h in range(1, a.kv_heads + 1) if a.kv_heads % h == 0], WRITE_WARPS):
+        cache.write_settings = settings
+        cache.__dict__.pop("splits", None)  # re-plan
+        got = cache.prologue(*args)
+        got = (got.values if isinstance(got, kv.RotatedQuery) else got).float()
+        rows.append({"backend": name, "batch": cache.batch, "write_settings": settings,
+                     "us": bench(lambda c=cache: c.prologue(*args), reps=5, inner=10) * 1000,
+                     "max_abs_err_vs_torch": float((got - want).abs().max())})
+    cache.write_settings = None
+    cache.__dict__.pop("splits", None)
+    default = cache.write_launch()
+    print(f"{name} B {cache.batch} write: fastest of {len(rows)} (KV heads a program/warps)")
+    for r in sorted(rows, key=lambda r: r["us"])[:3] + [r for r in rows if r["write_settings"] == default]:
+        tag = "default" if r["write_settings"] == default else ""
+        print(f"  {'/'.join(map(str, r['write_settings'])):>12}  {r['us']:9.1f} us  "
+              f"max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
+    return rows
 
 
 def sweep(a, cfg: kv.KVConfig) -> None:
@@ -114,6 +153,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                 tag = "default" if r["settings"] == default else ""
                 print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "
                       f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
+            rows += sweep_write(name, cache, ref, a)
     a.out.write_text(json.dumps(rows, indent=2))
 
 
@@ -152,18 +192,21 @@ def main() -> None:
                 ms = bench(lambda c=cache, x=q: c.attend_in_basis(x))
                 peak = torch.cuda.max_memory_allocated() - held
                 us = ms * 1000
+                write_us = bench(lambda c=cache, w=write_args(cache, a): c.prologue(*w)) * 1000
                 ref_us[name] = us
                 moved = b * ctx * cache.bytes_per_token()
                 ref = kv.TORCH_REFERENCE.get(name)
                 rows.append({"backend": name, "context": ctx, "batch": b, "us_per_attend": us, "GB_s": moved / ms / 1e6,
                              "frac_of_copy_bw": moved / ms / 1e6 / bw, "bytes_per_token": cache.bytes_per_token(),
                              "peak_over_baseline_mib": peak / 2**20, "cache_mib": (held - base) / 2**20,
-                             "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None})
-    print(f"{'backend':<12}{'ctx':>7}{'B':>4}{'us':>10}{'GB/s':>9}{'%bw':>6}{'B/tok':>7}{'peak+MiB':>10}{'x torch':>9}")
+                             "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None, "us_per_write": write_us})
+    print(f"{'backend':<12}{'ctx':>7}{'B':>5}{'us':>10}{'GB/s':>9}{'%bw':>6}{'B/tok':>7}{'peak+MiB':>10}{'x torch':>9}"
+          f"{'write us':>10}")
     for r in rows:
         sp = f"{r['speedup_vs_torch']:.1f}" if r["speedup_vs_torch"] else "-"
-        print(f"{r['backend']:<12}{r['context']:>7}{r['batch']:>4}{r['us_per_attend']:>10.1f}{r['GB_s']:>9.0f}"
-              f"{100 * r['frac_of_copy_bw']:>6.1f}{r['bytes_per_token']:>7}{r['peak_over_baseline_mib']:>10.1f}{sp:>9}")
+        print(f"{r['backend']:<12}{r['context']:>7}{r['batch']:>5}{r['us_per_attend']:>10.1f}{r['GB_s']:>9.0f}"
+              f"{100 * r['frac_of_copy_bw']:>6.1f}{r['bytes_per_token']:>7}{r['peak_over_baseline_mib']:>10.1f}{sp:>9}"
+              f"{r['us_per_write']:>10.1f}")
     a.out.write_text(json.dumps({"copy_bandwidth_GB_s": bw, "rows": rows}, indent=2))
 
 

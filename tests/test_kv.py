@@ -93,7 +93,7 @@ def test_triton_write_matches_reference(name, d, value_bits, write_group):
     cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=value_bits, seed=1)
     ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
     fast = kv.make_kv_cache(name, 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
-    fast.write_group = write_group  # KV heads per program
+    fast.write_settings = (write_group, 2)  # KV heads a program, warps
     for t in range(45):  # past capacity: the ring wraps
         k, v, pos = torch.randn(3, 2, d) * 3, torch.randn(3, 2, d), torch.tensor([t, t + 3, 2 * t])
         ref.append(k, v, pos)
@@ -104,6 +104,13 @@ def test_triton_write_matches_reference(name, d, value_bits, write_group):
         else:
             assert_same_codes(fast, ref, key, 1e-3)
     assert torch.equal(fast.lengths, ref.lengths) and fast.lengths.tolist() == [40, 40, 40]
+
+
+def test_write_settings_must_divide_the_kv_heads():
+    cache = kv.make_kv_cache("int8_triton", 1, 4, 8, 16, 64, DEVICE, torch.float32, CFG)
+    cache.write_settings = (3, 2)
+    with pytest.raises(ValueError, match="3 KV heads a program do not divide the cache's 4"):
+        cache.append(torch.randn(1, 4, 64), torch.randn(1, 4, 64), torch.tensor([0]))
 
 
 def test_qjl_score_is_unbiased_and_variance_falls_like_1_over_m():
@@ -406,7 +413,7 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     hkv, b, cap = 2, 3, 24
     ref = filled(kv.TORCH_REFERENCE[name], [5, 9, 3], hkv, g, d, cap)
     fast = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, DEVICE, torch.float32, CFG)
-    fast.write_group = write_group  # KV heads per program
+    fast.write_settings = (write_group, 2)  # KV heads a program, warps
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
     fast.lengths.copy_(ref.lengths)
@@ -430,6 +437,26 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     torch.testing.assert_close(fast.attend(q_fast), ref.attend(q_ref), **FP16_DOT)  # the query as the prologue made it
     q = torch.randn(b, hkv * g, d)
     torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
+
+
+@pytest.mark.parametrize("name", ["int8_triton", "tq4_triton"])
+def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch, capsys):
+    """benchmark_kv_backends.py's write sweep (its timer stubbed: it needs CUDA): every (KV heads a program, warps)
+    setting writes the query the torch reference does, and the cache is left on its default settings."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kv_bench", ROOT / "benchmarks" / "benchmark_kv_backends.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), 1.0)[1])
+    torch.manual_seed(7)
+    a = argparse.Namespace(kv_heads=4, q_heads=8, head_dim=64)
+    cache, ref = (kv.make_kv_cache(n, 2, 4, 8, 16, 64, DEVICE, torch.float32, CFG) for n in (name, kv.TORCH_REFERENCE[name]))
+    rows = bench.sweep_write(name, cache, ref, a)
+    assert [r["write_settings"] for r in rows] == [(h, w) for h in (1, 2, 4) for w in bench.WRITE_WARPS]
+    assert max(r["max_abs_err_vs_torch"] for r in rows) < 1e-4
+    assert cache.write_settings is None and "default" in capsys.readouterr().out
 
 
 def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
