@@ -7,6 +7,7 @@ spending device time on it.
     python benchmarks/attend_sass.py --backends int8_triton,tq4_triton --regime bandwidth
     python benchmarks/attend_sass.py --backends int8_triton --rev 21e2068   # against a commit's triton_kv_ops.py
     python benchmarks/attend_sass.py --backends tq4_triton --write          # the KV write kernel instead
+    python benchmarks/attend_sass.py --backends tq4_triton --settings 32/1/3/16/144   # a launch before sweeping it
 
 The launch arguments are those the backend's attend passes (recorded from a call on the CPU), specialized as
 Triton's JIT does (pointers 16-byte aligned, integers divisible by 16 marked so). Builds differ by Triton version (the
@@ -77,21 +78,23 @@ def backend_cache(kv, name: str, batch: int, g: int, d: int, capacity: int):
     return cls(batch, 4, 4 * g, capacity, d, "cpu", torch.bfloat16, kv.KVConfig())
 
 
-def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
-    """The attention kernel and the arguments `name`'s attend passes it in `regime` (1 row: latency; 64: bandwidth)."""
+def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int, settings: tuple | None):
+    """The attention kernel and the arguments `name`'s attend passes it in `regime` (1 row: latency; 64: bandwidth),
+    at its launch settings or at `settings`."""
     batch = 64 if regime == "bandwidth" else 1
     cache = backend_cache(kv, name, batch, g, d, capacity)
-    cache.settings = cache.launch[regime]
+    cache.settings = settings or cache.launch[regime]
     cache.lengths.fill_(capacity)
     q = torch.randn(batch, 4 * g, d, dtype=torch.bfloat16)
     return recorded_call(kv, "_attend_kernel", lambda: cache.attend(q))
 
 
-def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int):
-    """The KV write kernel and the arguments `name`'s fused prologue passes it in `regime` (1 row: latency, a KV
-    head a program; 1,024 rows: bandwidth, all of a row's KV heads a program)."""
+def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int, settings: tuple | None):
+    """The KV write kernel and the arguments `name`'s fused prologue passes it in `regime` (1 row: latency; 1,024
+    rows: bandwidth), at its write settings or at `settings`."""
     batch = 1024 if regime == "bandwidth" else 1
     cache = backend_cache(kv, name, batch, g, d, capacity)
+    cache.write_settings = settings
     qkv = torch.randn(batch, (4 * g + 8) * d, dtype=torch.bfloat16)
     return recorded_call(kv, "_kv_write_kernel",
                          lambda: cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g)))
@@ -168,6 +171,19 @@ def loop_mix(sass: str) -> collections.Counter:
     return opcode_mix(lines[start:end + 1])
 
 
+def parse_settings(spec: str | None, write: bool) -> tuple | None:
+    """'32/1/3/16/168' (attention: block, warps, stages, programs per SM, register cap or None) or '4/2' (write: KV
+    heads a program, warps) -> the launch tuple a cache takes."""
+    if spec is None:
+        return None
+    fields = spec.split("/")
+    usage = "HEADS/WARPS, e.g. 4/2" if write else "BLOCK/WARPS/STAGES/PROGRAMS/REGS, e.g. 32/1/3/16/168 or 64/2/3/8/None"
+    if len(fields) != len(usage.split()[0].split("/")) or not all(
+            f.isdigit() or (f == "None" and i == 4) for i, f in enumerate(fields)):
+        raise SystemExit(f"--settings {spec}: expected {usage}")
+    return tuple(None if f == "None" else int(f) for f in fields)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="int8_triton", help="comma-separated Triton backends")
@@ -179,12 +195,15 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
     p.add_argument("--write", action="store_true", help="instead: the fused prologue's KV write kernel, all of it (it "
                    "has no loop; bandwidth: 1,024 rows, latency: 1)")
+    p.add_argument("--settings", help="a launch to build instead of each backend's: BLOCK/WARPS/STAGES/PROGRAMS/REGS "
+                   "(REGS a register cap or None), or with --write HEADS/WARPS")
     a = p.parse_args()
+    settings = parse_settings(a.settings, a.write)
     versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
     for name in a.backends.split(","):
         for label, kv in versions:
             call = write_call if a.write else attend_call
-            fn, args, kwargs = call(kv, name, a.regime, a.group, a.head_dim, a.capacity)
+            fn, args, kwargs = call(kv, name, a.regime, a.group, a.head_dim, a.capacity, settings)
             build, warps = compile_sm90(fn, args, kwargs), kwargs["num_warps"]
             mix = opcode_mix(build.sass.splitlines()) if a.write else loop_mix(build.sass)
             total, top = sum(mix.values()), " ".join(f"{op}:{n}" for op, n in mix.most_common(a.top))

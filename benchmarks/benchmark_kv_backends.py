@@ -85,8 +85,12 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          # tq4: at one warp a program the kernel took 231 registers a thread (sm_90; 188 with scores as keys x q^T), so
          # 8 programs fit an SM; smaller blocks take fewer, and a cap of 168 fits 12. 16 programs per SM doubles the
          # splits at 16384 x 64. Swept on one H200 at 8f6b0c2: blocks of 32 under the cap, 16 programs an SM, the
-         # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led)
-         "tq4": ((16, 32, 64, 128), (1, 2), (2, 3), (8, 16), (None, 168)),
+         # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led). There
+         # its 158.6 us are twice what it issues (600 instructions an entry in the device's triton 3.6 build: 75 us at
+         # 4 warp instructions a cycle an SM, 1.98 GHz) or reads (68 us at copy bandwidth), with 12 one-warp programs
+         # an SM to hide latency: caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
+         # benchmarks/attend_sass.py --settings 32/1/3/16/144)
+         "tq4": ((16, 32, 64), (1, 2), (2, 3), (8, 16), (None, 128, 144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]

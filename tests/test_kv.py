@@ -3,6 +3,7 @@ QJL statistics, int8 accuracy, sizes and the registry."""
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -524,6 +525,17 @@ def test_attend_sass_finds_the_loop_and_its_tensor_core_dots():
     assert hmma == {"int8_triton": 32, "bf16_triton": 32}
     if tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 8):
         assert per_entry["int8_triton"] <= 1.25 * per_entry["bf16_triton"], per_entry
+
+
+def test_attend_sass_builds_a_launch_it_is_given():
+    """--settings builds a launch other than the backend's: a register cap reaches the compiler (tq4 takes more than
+    128 registers uncapped), and the SM holds as many one-warp programs as 128 registers a thread allow (16). A
+    malformed launch is refused naming the form it takes."""
+    lines = attend_sass("--backends", "tq4_triton", "--settings", "32/1/3/16/128")
+    registers, programs = re.search(r"(\d+) registers, \d+ B shared, (\d+) programs an SM", lines["tq4_triton"]).groups()
+    assert "32/1/3/128" in lines["tq4_triton"] and int(registers) <= 128 and int(programs) == 16, lines
+    with pytest.raises(AssertionError, match="expected BLOCK/WARPS/STAGES/PROGRAMS/REGS"):
+        attend_sass("--settings", "32/1/3")
 
 
 def test_attend_sass_builds_the_write_kernel():
