@@ -90,7 +90,7 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          # 4 warp instructions a cycle an SM, 1.98 GHz) or reads (68 us at copy bandwidth), with 12 one-warp programs
          # an SM to hide latency: caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
          # benchmarks/attend_sass.py --settings 32/1/3/16/144)
-         "tq4": ((16, 32, 64), (1, 2), (2, 3), (8, 16), (None, 128, 144, 168)),
+         "tq4": ((32, 64), (1, 2), (2, 3), (8, 16), (None, 128, 144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
