@@ -88,8 +88,9 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led). There
          # its 158.6 us are twice what it issues (600 instructions an entry in the device's triton 3.6 build: 75 us at
          # 4 warp instructions a cycle an SM, 1.98 GHz) or reads (68 us at copy bandwidth), with 12 one-warp programs
-         # an SM to hide latency: caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
-         # benchmarks/attend_sass.py --settings 32/1/3/16/144)
+         # an SM to hide latency. Caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
+         # benchmarks/attend_sass.py --settings 32/1/3/16/144); whether more warps hide more is what they test (before
+         # keys x q^T, 12 programs an SM under the 168 cap had been 2.7% slower than 8 at 1024 x 1024)
          "tq4": ((32, 64), (1, 2), (2, 3), (8, 16), (None, 128, 144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
