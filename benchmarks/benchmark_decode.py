@@ -53,9 +53,10 @@ def full_cache_tok_s(args, model, val, backend: str, batch: int, steps: int, dev
     return batch * steps / (time.perf_counter() - t0)
 
 
-def profile(args, model, val, backend: str, batch: int, device, steps: int = 64) -> None:
+def profile(args, model, val, backend: str, batch: int, device, steps: int = 64) -> list[dict]:
     """Per-kernel CUDA times of `steps` graph replays at `batch`, every cache full (the ring eval's steady state):
-    a line per kernel, its share of a step's CUDA time and its time a call."""
+    a line per kernel, its share of a step's CUDA time and its time a call; a row per kernel and one for the step
+    ("kernel": "step")."""
     decoder = ring_decoder(args, model, val, backend, batch, steps, device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -69,6 +70,9 @@ def profile(args, model, val, backend: str, batch: int, device, steps: int = 64)
         print(f"profile {backend} batch {batch}  {e.key[:60]:<60} {e.self_device_time_total / 1e3:9.3f} ms "
               f"{100 * e.self_device_time_total / total:5.1f}%  {e.count // steps:>3} a step, "
               f"{e.self_device_time_total / e.count:8.2f} us a call")
+    return [{"backend": backend, "batch": batch, "kernel": "step", "us_per_step": total / steps}] + [
+        {"backend": backend, "batch": batch, "kernel": e.key, "us_per_step": e.self_device_time_total / steps,
+         "us_per_call": e.self_device_time_total / e.count} for e in kernels]
 
 
 def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, device) -> list[dict]:
@@ -101,7 +105,7 @@ def main() -> None:
     p.add_argument("--batch1-windows", type=int, default=4, help="windows decoded at batch 1")
     p.add_argument("--steps", type=int, default=256, help="full-cache decode steps timed per backend and batch")
     p.add_argument("--profile", type=int, metavar="BATCH", help="instead: per-kernel CUDA times of 64 graph replays "
-                   "at this batch, mid-window, of the first backend (torch.profiler)")
+                   "at this batch, every cache full, of the first backend (torch.profiler)")
     p.add_argument("--ring-tokens", type=int, metavar="N", help="instead: the ring eval's delta vs exact per backend "
                    "over the first N validation targets (needs --artifact)")
     p.add_argument("--out", type=Path, default=Path("decode_bench.json"))
@@ -129,7 +133,8 @@ def main() -> None:
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
     if a.profile:
-        return profile(args, model, val, a.backends.split(",")[0], a.profile, device)
+        rows = profile(args, model, val, a.backends.split(",")[0], a.profile, device)
+        return a.out.write_text(json.dumps(rows, indent=2))
     if a.ring_tokens:
         rows = ring_deltas(args, model, val, luts, a.backends.split(","), a.ring_tokens, device)
         return a.out.write_text(json.dumps(rows, indent=2))

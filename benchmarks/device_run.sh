@@ -22,7 +22,8 @@
 # Versions side by side on one machine (machines differ by several percent): REVS="main tq4-write" runs each stage
 # once per version, in turn, each from its own tree, staged beforehand in the git-ignored, carried .device folder:
 #   for r in main tq4-write; do mkdir -p .device/rev/$r && git archive $r | tar -x -C .device/rev/$r; done
-# The versions share the shards; each keeps its runs and logs under $OUT/REV, its summary lines prefixed "REV: ".
+# The versions share the shards; each keeps its runs and logs under $OUT/REV, its summary lines prefixed "REV: ";
+# benchmarks/compare_revs.py then prints their figures side by side.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
@@ -62,6 +63,7 @@ if [ -n "${REVS:-}" ]; then
       tail -n +$((seen + 1)) "$OUT/$rev/summary.txt" | sed "s|^|$rev: |" | tee -a "$OUT/summary.txt"
     done
   done
+  python3 benchmarks/compare_revs.py --runs "$RUNS" $REVS | tee -a "$OUT/summary.txt"
   exit $status
 fi
 last_artifact() { ls -t "$RUNS"/*/final_model.*.ptz 2>/dev/null | head -1; }
@@ -90,7 +92,8 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
       rc=0
       for backend in $(echo "${DECODE_BACKENDS:-int8_triton,tq4_triton}" | tr , ' '); do
         timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
-          --backends "$backend" --profile "${PROFILE_BATCH:-1024}" 2>&1 | grep -E "^profile|Error" | tee -a "$OUT/summary.txt"
+          --backends "$backend" --profile "${PROFILE_BATCH:-1024}" --out "$RUNS/profile_$backend.json" 2>&1 \
+          | grep -E "^profile|Error" | tee -a "$OUT/summary.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     ring)

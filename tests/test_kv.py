@@ -460,6 +460,40 @@ def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch
     assert cache.write_settings is None and "default" in capsys.readouterr().out
 
 
+def test_compare_revs_puts_each_versions_figures_beside_the_first(tmp_path):
+    """benchmarks/compare_revs.py on the files device_run.sh's stages write per version: each figure of the first
+    version, the others' beside it with their ratio to it, '-' where a version lacks it; a version without runs is
+    refused by name."""
+    import json
+    import subprocess
+    import sys
+
+    def runs(rev, attend, write, tok_s, step):
+        folder = tmp_path / rev
+        folder.mkdir()
+        (folder / "kv_bench.json").write_text(json.dumps({"copy_bandwidth_GB_s": 4176.0, "rows": [
+            {"backend": "tq4_triton", "context": 16384, "batch": 64, "us_per_attend": attend, "us_per_write": write}]}))
+        (folder / "decode_bench.json").write_text(json.dumps([{"backend": "tq4_triton", "batch": 1024,
+                                                               "full_cache_tok_s": tok_s}][:1 if tok_s else 0]))
+        (folder / "profile_tq4_triton.json").write_text(json.dumps([
+            {"backend": "tq4_triton", "batch": 1024, "kernel": "step", "us_per_step": step}]))
+
+    runs("main", 160.0, 12.0, 595628.0, 1709.0)
+    runs("next", 144.0, 6.0, None, 1624.0)
+    compare = [sys.executable, str(ROOT / "benchmarks" / "compare_revs.py"), "--runs", str(tmp_path)]
+    out = subprocess.run(compare + ["main", "next"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["attention us: main | next (ratio to main)",
+                   f"  {'tq4_triton 16384 64':<56} 160.0 | 144.0 (0.900)",
+                   "KV write us: main | next (ratio to main)",
+                   f"  {'tq4_triton 16384 64':<56} 12.0 | 6.0 (0.500)",
+                   "decode tok/s, full caches: main | next (ratio to main)",
+                   f"  {'tq4_triton 1024':<56} 595,628.0 | -",
+                   "decode profile us a step: main | next (ratio to main)",
+                   f"  {'tq4_triton 1024 step':<56} 1,709.0 | 1,624.0 (0.950)"], out
+    refused = subprocess.run(compare + ["main", "gone"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "no runs of gone" in refused.stderr
+
+
 def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     """benchmarks/kv_sensitivity.py decodes each entry at write: with keys and values coded it must attend as the
     tq4 reference does (to rounding) and count its bytes; a variant that codes another layer is the exact cache."""
