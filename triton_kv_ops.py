@@ -1171,8 +1171,8 @@ class TritonAttendMixin:
     # Fewer (row, KV head) pairs than SMs is latency-bound: short blocks, many splits. More is bandwidth-bound:
     # long blocks, and a register cap where more programs per SM hide more latency than the spills cost.
     launch: dict[str, Launch]
-    # Overrides, set on an instance before its first call (both are planned once, in _plan): the attention
-    # launch settings and the write kernel's.
+    # Overrides, set on an instance before its first call (both are planned once, in _plan; relaunch plans again):
+    # the attention launch settings and the write kernel's.
     settings: Launch | None = None
     write_settings: WriteLaunch | None = None
 
@@ -1202,6 +1202,11 @@ class TritonAttendMixin:
         """Bandwidth regime: all of a row's KV heads in a program, so a sketch or rotation loads once per row, in 2
         warps (QJL prologue, batch 512: 8.3 against 11.9 us in 4). Latency regime: a KV head a program, in 4 warps."""
         return self.write_settings or ((self.heads, 2) if self.bandwidth_bound() else (1, 4))
+
+    def relaunch(self, settings: Launch | None = None, write_settings: WriteLaunch | None = None) -> None:
+        """New launch overrides (None: the declared launch), planned at the next call: a sweep's step."""
+        self.settings, self.write_settings = settings, write_settings
+        self.__dict__.pop("splits", None)
 
     def _plan(self):
         if not hasattr(self, "splits"):

@@ -177,9 +177,10 @@ def parse_settings(spec: str | None, write: bool) -> tuple | None:
     if spec is None:
         return None
     fields = spec.split("/")
-    usage = "HEADS/WARPS, e.g. 4/2" if write else "BLOCK/WARPS/STAGES/PROGRAMS/REGS, e.g. 32/1/3/16/168 or 64/2/3/8/None"
-    if len(fields) != len(usage.split()[0].split("/")) or not all(
-            f.isdigit() or (f == "None" and i == 4) for i, f in enumerate(fields)):
+    expected = 2 if write else 5
+    if len(fields) != expected or not all(f.isdigit() or (f == "None" and i == 4) for i, f in enumerate(fields)):
+        usage = ("HEADS/WARPS, e.g. 4/2" if write else
+                 "BLOCK/WARPS/STAGES/PROGRAMS/REGS, e.g. 32/1/3/16/168 or 64/2/3/8/None")
         raise SystemExit(f"--settings {spec}: expected {usage}")
     return tuple(None if f == "None" else int(f) for f in fields)
 
@@ -198,11 +199,10 @@ def main() -> None:
     p.add_argument("--settings", help="a launch to build instead of each backend's: BLOCK/WARPS/STAGES/PROGRAMS/REGS "
                    "(REGS a register cap or None), or with --write HEADS/WARPS")
     a = p.parse_args()
-    settings = parse_settings(a.settings, a.write)
+    settings, call = parse_settings(a.settings, a.write), write_call if a.write else attend_call
     versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
     for name in a.backends.split(","):
         for label, kv in versions:
-            call = write_call if a.write else attend_call
             fn, args, kwargs = call(kv, name, a.regime, a.group, a.head_dim, a.capacity, settings)
             build, warps = compile_sm90(fn, args, kwargs), kwargs["num_warps"]
             mix = opcode_mix(build.sass.splitlines()) if a.write else loop_mix(build.sass)

@@ -95,6 +95,30 @@ def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, devi
     return rows
 
 
+def throughput(args, model, val, luts, backends: list[str], batches: list[int], batch1_windows: int, steps: int,
+               device) -> list[dict]:
+    """Per backend and batch: the windows-mode AR eval (its bpb against teacher forcing) and full-cache tok/s."""
+    rows, teacher_forced = [], {}
+    for backend in backends:
+        for batch in batches:
+            windows = batch1_windows if batch == 1 else batch
+            reps = -(-windows * args.train_seq_len // (val.numel() - 1)) + 1
+            tokens = val[:-1].repeat(reps)[:windows * args.train_seq_len + 1]
+            if windows not in teacher_forced:  # the same windows scored in one forward pass: the exact reference
+                with torch.no_grad():
+                    teacher_forced[windows] = tg.eval_teacher_forced(args, model, tg.Dist(device=device), tokens, luts, 64)[1]
+            r = kv.autoregressive_eval(args.ar_eval_settings(), model, kv.window_plan(tokens, args.train_seq_len), luts,
+                                       backend, device, print, batch=batch)
+            r["teacher_forced_val_bpb"] = teacher_forced[windows]
+            r["full_cache_tok_s"] = full_cache_tok_s(args, model, val, backend, batch, steps, device)
+            rows.append(r)
+            print(f"{backend:<12} batch {batch:>4}: windows {r['tok_s']:>10.0f} tok/s, full cache "
+                  f"{r['full_cache_tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
+                  f"(teacher-forced {teacher_forced[windows]:.6f})  peak {r['peak_mem_mib']:.0f} MiB  "
+                  f"bytes/token {r['bytes_per_token']}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--artifact", type=Path)
@@ -134,28 +158,11 @@ def main() -> None:
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
     if a.profile:
         rows = profile(args, model, val, a.backends.split(",")[0], a.profile, device)
-        return a.out.write_text(json.dumps(rows, indent=2))
-    if a.ring_tokens:
+    elif a.ring_tokens:
         rows = ring_deltas(args, model, val, luts, a.backends.split(","), a.ring_tokens, device)
-        return a.out.write_text(json.dumps(rows, indent=2))
-    rows, teacher_forced = [], {}
-    for backend in a.backends.split(","):
-        for batch in map(int, a.batches.split(",")):
-            windows = a.batch1_windows if batch == 1 else batch
-            reps = -(-windows * args.train_seq_len // (val.numel() - 1)) + 1
-            tokens = val[:-1].repeat(reps)[:windows * args.train_seq_len + 1]
-            if windows not in teacher_forced:  # the same windows scored in one forward pass: the exact reference
-                with torch.no_grad():
-                    teacher_forced[windows] = tg.eval_teacher_forced(args, model, tg.Dist(device=device), tokens, luts, 64)[1]
-            r = kv.autoregressive_eval(args.ar_eval_settings(), model, kv.window_plan(tokens, args.train_seq_len), luts,
-                                       backend, device, print, batch=batch)
-            r["teacher_forced_val_bpb"] = teacher_forced[windows]
-            r["full_cache_tok_s"] = full_cache_tok_s(args, model, val, backend, batch, a.steps, device)
-            rows.append(r)
-            print(f"{backend:<12} batch {batch:>4}: windows {r['tok_s']:>10.0f} tok/s, full cache "
-                  f"{r['full_cache_tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
-                  f"(teacher-forced {teacher_forced[windows]:.6f})  peak {r['peak_mem_mib']:.0f} MiB  "
-                  f"bytes/token {r['bytes_per_token']}")
+    else:
+        rows = throughput(args, model, val, luts, a.backends.split(","), [int(b) for b in a.batches.split(",")],
+                          a.batch1_windows, a.steps, device)
     a.out.write_text(json.dumps(rows, indent=2))
 
 

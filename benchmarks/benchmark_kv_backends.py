@@ -97,27 +97,27 @@ WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
 
 
+def fastest(rows: list[dict], field: str, default, n: int) -> list[tuple[dict, str]]:
+    """The n fastest rows, then the default settings' row, each with its tag for the sweep's printout."""
+    ranked = sorted(rows, key=lambda r: r["us"])
+    picked = ranked[:n] + [r for r in ranked if r[field] == default]
+    return [(r, "default" if r[field] == default else "") for r in picked]
+
+
 def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
     """The write kernel's launch settings on `cache`: each timed on the prologue, its query checked against ref's."""
     args = write_args(cache, a)
-    want = cache.as_query(ref.prologue(*args))
-    want = (want.values if isinstance(want, kv.RotatedQuery) else want).float()
+    want = kv.query_tensor(cache.as_query(ref.prologue(*args))).float()
     rows = []
-    cache.settings = None
     for settings in itertools.product([h for h in range(1, a.kv_heads + 1) if a.kv_heads % h == 0], WRITE_WARPS):
-        cache.write_settings = settings
-        cache.__dict__.pop("splits", None)  # re-plan
-        got = cache.prologue(*args)
-        got = (got.values if isinstance(got, kv.RotatedQuery) else got).float()
+        cache.relaunch(write_settings=settings)
+        got = kv.query_tensor(cache.prologue(*args)).float()
         rows.append({"backend": name, "batch": cache.batch, "write_settings": settings,
                      "us": bench(lambda c=cache: c.prologue(*args), reps=5, inner=10) * 1000,
                      "max_abs_err_vs_torch": float((got - want).abs().max())})
-    cache.write_settings = None
-    cache.__dict__.pop("splits", None)
-    default = cache.write_launch()
+    cache.relaunch()
     print(f"{name} B {cache.batch} write: fastest of {len(rows)} (KV heads a program/warps)")
-    for r in sorted(rows, key=lambda r: r["us"])[:3] + [r for r in rows if r["write_settings"] == default]:
-        tag = "default" if r["write_settings"] == default else ""
+    for r, tag in fastest(rows, "write_settings", cache.write_launch(), 3):
         print(f"  {'/'.join(map(str, r['write_settings'])):>12}  {r['us']:9.1f} us  "
               f"max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
     return rows
@@ -140,8 +140,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
             default = cache.launch_settings()
             grid = GRIDS.get(cache.key_codec, WIDE_GRID)
             for settings in itertools.product(*grid):
-                cache.settings = settings
-                cache.__dict__.pop("splits", None)  # re-plan the splits for these settings
+                cache.relaunch(settings)
                 try:
                     got = cache.attend(q).float()
                     us = bench(lambda c=cache, x=q: c.attend_in_basis(x), reps=5, inner=10) * 1000
@@ -150,12 +149,10 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                     continue
                 rows.append({"backend": name, "context": ctx, "batch": b, "settings": settings, "splits": cache.splits,
                              "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
-            best = sorted((r for r in rows if r["backend"] == name and r["context"] == ctx and r["batch"] == b),
-                          key=lambda r: r["us"])
-            print(f"{name} ctx {ctx} B {b}: fastest of {len(best)} (block_n/warps/stages/programs per SM/register cap "
-                  "-> splits)")
-            for r in best[:5] + [r for r in best if r["settings"] == default]:
-                tag = "default" if r["settings"] == default else ""
+            shape_rows = [r for r in rows if r["backend"] == name and r["context"] == ctx and r["batch"] == b]
+            print(f"{name} ctx {ctx} B {b}: fastest of {len(shape_rows)} (block_n/warps/stages/programs per SM/register "
+                  "cap -> splits)")
+            for r, tag in fastest(shape_rows, "settings", default, 5):
                 print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "
                       f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
             rows += sweep_write(name, cache, ref, a)

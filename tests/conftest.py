@@ -34,6 +34,17 @@ def sample_shards(tmp_path_factory) -> Path:
     return out
 
 
+def load_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module, in sys.modules for the test (a dataclass looks its module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_env(data_path: Path, out_dir: Path, **overrides) -> dict:
     env = {k: v for k, v in os.environ.items() if k.upper() not in _HPARAM_NAMES}
     env.update(DATA_PATH=str(data_path), TOKENIZER_PATH=str(TOKENIZER), OUT_DIR=str(out_dir), RUN_ID="t",

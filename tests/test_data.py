@@ -9,7 +9,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, SAMPLE, TOKENIZER, tiny_env
+from conftest import ROOT, SAMPLE, TOKENIZER, load_benchmark, tiny_env
 from data.build_shards import write_shard
 
 
@@ -195,13 +195,9 @@ def test_standin_protocol_refuses_a_code_dir_without_the_trainer(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_standin_rows_name_a_dirty_tree(tmp_path):
+def test_standin_rows_name_a_dirty_tree(tmp_path, monkeypatch):
     """A row run from uncommitted changes to tracked files says so: its commit alone would not reproduce it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("standin_protocol", ROOT / "benchmarks" / "standin_protocol.py")
-    protocol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(protocol)
+    protocol = load_benchmark("standin_protocol", monkeypatch)
     assert protocol.code_commit(tmp_path) == "uncommitted"
     git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,  # noqa: E731
                                        check=True, capture_output=True, text=True).stdout.strip()

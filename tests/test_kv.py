@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import triton_kv_ops as kv
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 # With a GPU and TRITON_INTERPRET=0 the same tests compile the kernels for it: they then check the paths that only
 # the GPU runs (the int8 decoder's PTX) against the torch references.
@@ -445,11 +445,8 @@ def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch
     """benchmark_kv_backends.py's write sweep (its timer stubbed: it needs CUDA): every (KV heads a program, warps)
     setting writes the query the torch reference does, and the cache is left on its default settings."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kv_bench", ROOT / "benchmarks" / "benchmark_kv_backends.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
     monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), 1.0)[1])
     torch.manual_seed(7)
     a = argparse.Namespace(kv_heads=4, q_heads=8, head_dim=64)
@@ -497,12 +494,8 @@ def test_compare_revs_puts_each_versions_figures_beside_the_first(tmp_path):
 def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     """benchmarks/kv_sensitivity.py decodes each entry at write: with keys and values coded it must attend as the
     tq4 reference does (to rounding) and count its bytes; a variant that codes another layer is the exact cache."""
-    import importlib.util
-
     monkeypatch.setattr(kv, "KV_BACKENDS", dict(kv.KV_BACKENDS))  # the variants register there: undone after
-    spec = importlib.util.spec_from_file_location("kv_sensitivity", ROOT / "benchmarks" / "kv_sensitivity.py")
-    sens = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sens)
+    sens = load_benchmark("kv_sensitivity", monkeypatch)
     names = sens.variants(2, ["keys"], [4])
     assert names == ["tq4_kv", "tq4_keys", "tq4_values", "tq4_kv_recent4", "tq4_kv_recent4_keys", "tq4_keys_layer0",
                      "tq4_keys_layer1"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 
 def trained_like(rows, cols, seed=0):
@@ -299,21 +299,11 @@ def test_env_builds_the_codec_settings():
     assert a.codec_settings("polar").spec() == "polar:4,3,3,3,4:5,4,4,4,5"
 
 
-def load_polar_sensitivity(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("polar_sensitivity", ROOT / "benchmarks" / "polar_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks its module up; undone after the test
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_codebooks_fitted_to_gaussian_rows_gain_nothing(monkeypatch):
     """On rows of i.i.d. Gaussian weights every level's angles follow the analytic law, so codebooks fitted to one
     matrix's angles code another's no better than angle_codebook (within sampling noise: 0.5%, the deepest level
     fitting 4,096 angles); on a skewed law Lloyd's iteration finds the known centroids."""
-    ps = load_polar_sensitivity(monkeypatch)
+    ps = load_benchmark("polar_sensitivity", monkeypatch)
     gen = torch.Generator().manual_seed(0)
     fit_on, test_on = torch.randn(512, 512, generator=gen), torch.randn(512, 512, generator=gen)
     books, angles = ps.fitted_codebooks({"m": fit_on}, seed=7), ps.level_angles(test_on, 7)
@@ -331,7 +321,7 @@ def test_codebooks_fitted_to_gaussian_rows_gain_nothing(monkeypatch):
 
 
 def test_polar_state_codes_each_kind_with_its_bits(monkeypatch):
-    ps = load_polar_sensitivity(monkeypatch)
+    ps = load_benchmark("polar_sensitivity", monkeypatch)
     gen = torch.Generator().manual_seed(1)
     state = {"blocks.0.attn.c_v.weight": torch.randn(256, 512, generator=gen) * 0.02,
              "blocks.0.mlp.fc.weight": torch.randn(512, 512, generator=gen) * 0.02, "blocks.0.attn_scale": torch.ones(8)}
