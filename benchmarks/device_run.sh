@@ -24,6 +24,9 @@
 #   for r in main tq4-write; do mkdir -p .device/rev/$r && git archive $r | tar -x -C .device/rev/$r; done
 # The versions share the shards; each keeps its runs and logs under $OUT/REV, its summary lines prefixed "REV: ";
 # benchmarks/compare_revs.py then prints their figures side by side.
+# The call ends by a deadline, CALL_SECONDS (default 570) after it starts, the device's 600-s limit less the time to
+# pack its runs: a stage's timeout is cut to the time left, and a stage with under 20 s left is skipped, noted, and
+# fails the call; the REVS versions share the caller's deadline.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/out}
@@ -34,7 +37,8 @@ TOKENIZER=$ROOT/data/tokenizers/fineweb_1024_bpe.model
 OUT=$(realpath -m "$OUT"); CORPUS=$(realpath -m "$CORPUS"); DATA=$(realpath -m "$DATA"); RUNS=$(realpath -m "$RUNS")
 [ -z "${ART:-}" ] || export ART=$(realpath -m "$ART")  # every version of REVS scores the same one
 mkdir -p "$OUT" "$RUNS"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 DEADLINE=${DEADLINE:-$(( $(date +%s) + ${CALL_SECONDS:-570} ))}
+budget() { local left=$(( DEADLINE - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 cd "$ROOT"
 status=0
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -69,9 +73,14 @@ fi
 last_artifact() { ls -t "$RUNS"/*/final_model.*.ptz 2>/dev/null | head -1; }
 for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
   t0=$(date +%s)
+  if (( DEADLINE - t0 < 20 )); then
+    note "== $stage skipped: $(( DEADLINE - t0 )) s left before the call's deadline (CALL_SECONDS)"
+    status=1
+    continue
+  fi
   case $stage in
     standin:*)
-      timeout ${RUN_TIMEOUT:-560} python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
+      timeout $(budget ${RUN_TIMEOUT:-560}) python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
         --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
         ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} ${TRAIN_SECONDS:+--seconds $TRAIN_SECONDS} \
         ${RUN_NAME:+--run-id $RUN_NAME} 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
@@ -83,7 +92,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
     decode)
       art=${ART:-$(last_artifact)}
       [ -n "$art" ] || note "decode: no artifact in $RUNS and no ART: a randomly initialized model (throughput only)"
-      timeout ${DECODE_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
+      timeout $(budget ${DECODE_TIMEOUT:-300}) python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
         --backends ${DECODE_BACKENDS:-int8_triton,tq4_triton} --batches ${DECODE_BATCHES:-1,1024} \
         --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
@@ -91,34 +100,34 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
       art=${ART:-$(last_artifact)}
       rc=0
       for backend in $(echo "${DECODE_BACKENDS:-int8_triton,tq4_triton}" | tr , ' '); do
-        timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
+        timeout $(budget ${PROFILE_TIMEOUT:-120}) python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
           --backends "$backend" --profile "${PROFILE_BATCH:-1024}" --out "$RUNS/profile_$backend.json" 2>&1 \
           | grep -E "^profile|Error" | tee -a "$OUT/summary.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     ring)
       art=${ART:-$(last_artifact)}
-      timeout ${RING_TIMEOUT:-300} python3 benchmarks/benchmark_decode.py --artifact "$art" --data-path "$DATA" \
+      timeout $(budget ${RING_TIMEOUT:-300}) python3 benchmarks/benchmark_decode.py --artifact "$art" --data-path "$DATA" \
         --backends ${RING_BACKENDS:-int8_triton,tq4_triton,qjl_triton,qjl_recentk_triton} \
         --ring-tokens ${RING_TOKENS:-262144} --out "$RUNS/ring_deltas.json" 2>&1 | grep -E "^ring|Error" \
         | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     kv)
-      timeout ${KV_TIMEOUT:-240} python3 benchmarks/benchmark_kv_backends.py --contexts ${KV_CONTEXTS:-1024,16384} \
+      timeout $(budget ${KV_TIMEOUT:-240}) python3 benchmarks/benchmark_kv_backends.py --contexts ${KV_CONTEXTS:-1024,16384} \
         --batches ${KV_BATCHES:-64,1024} ${KV_BACKENDS:+--backends $KV_BACKENDS} --out "$RUNS/kv_bench.json" 2>&1 \
         | tail -40 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     sweep)
-      timeout ${SWEEP_TIMEOUT:-300} python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} \
+      timeout $(budget ${SWEEP_TIMEOUT:-300}) python3 benchmarks/benchmark_kv_backends.py --sweep ${SHAPES:+--shapes $SHAPES} \
         ${KV_BACKENDS:+--backends $KV_BACKENDS} --out "$RUNS/kv_sweep.json" 2>&1 | grep -v Warning | tail -60 \
         | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     isolation)
-      (cd /tmp && timeout 120 python3 "$ROOT/artifact_isolation_check.py" "${ART:-$(last_artifact)}" --data-path "$DATA" \
+      (cd /tmp && timeout $(budget 120) python3 "$ROOT/artifact_isolation_check.py" "${ART:-$(last_artifact)}" --data-path "$DATA" \
         --tokenizer "$TOKENIZER" --steps 1024 --out "$RUNS/isolation.json" 2>&1 | tail -25 | tee -a "$OUT/summary.txt")
       rc=${PIPESTATUS[0]} ;;
     gpu_tests)
-      TRITON_INTERPRET=0 timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_kv.py \
+      TRITON_INTERPRET=0 timeout $(budget ${GPU_TESTS_TIMEOUT:-300}) python3 -m pytest -q -p no:cacheprovider tests/test_kv.py \
         ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tail -15 | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     artifact)

@@ -491,6 +491,44 @@ def test_compare_revs_puts_each_versions_figures_beside_the_first(tmp_path):
     assert refused.returncode != 0 and "no runs of gone" in refused.stderr
 
 
+def test_device_run_skips_stages_past_its_deadline(tmp_path):
+    """benchmarks/device_run.sh keeps its call within the device's limit: a stage runs while time is left, one with
+    under 20 s left before the deadline is skipped, noted and fails the call, and REVS versions run by the
+    caller's deadline (their own scripts, staged)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "tree"
+    for tree in (root, root / ".device" / "rev" / "a"):
+        (tree / "benchmarks").mkdir(parents=True)
+        for name in ("device_run.sh", "compare_revs.py"):
+            shutil.copy(ROOT / "benchmarks" / name, tree / "benchmarks" / name)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").write_bytes(b"")  # shards present: none built
+    art = tmp_path / "final_model.int6.ptz"
+    art.write_bytes(b"artifact")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DATA": str(data),
+           "ART": str(art), "STAGES": "artifact"}
+
+    def call(out, **settings):
+        p = subprocess.run(["bash", str(root / "benchmarks" / "device_run.sh")], capture_output=True, text=True,
+                           env={**env, "OUT": str(tmp_path / out), "RUNS": str(tmp_path / out / "runs"), **settings})
+        return p.returncode, (tmp_path / out / "summary.txt").read_text()
+
+    rc, summary = call("in_time", CALL_SECONDS="300")
+    assert rc == 0 and "artifact final_model.int6.ptz: 8 bytes" in summary and "== artifact rc=0" in summary, summary
+    rc, summary = call("late", CALL_SECONDS="19")
+    assert rc == 1 and "== artifact skipped" in summary and "artifact final_model" not in summary, summary
+    assert not (tmp_path / "late" / art.name).exists()
+    rc, summary = call("revs_late", CALL_SECONDS="19", REVS="a")
+    assert rc == 1 and "a: == artifact skipped" in summary, summary
+    rc, summary = call("revs_in_time", CALL_SECONDS="300", REVS="a")
+    assert rc == 0 and "a: == artifact rc=0" in summary, summary
+
+
 def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
     """benchmarks/kv_sensitivity.py decodes each entry at write: with keys and values coded it must attend as the
     tq4 reference does (to rounding) and count its bytes; a variant that codes another layer is the exact cache."""
