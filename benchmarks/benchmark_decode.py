@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 import triton_kv_ops as kv  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows_file import RowsFile  # noqa: E402
 
 
 def ring_decoder(args, model, val, backend: str, batch: int, steps: int, device) -> kv.Decoder:
@@ -75,30 +78,28 @@ def profile(args, model, val, backend: str, batch: int, device, steps: int = 64)
          "us_per_call": e.self_device_time_total / e.count} for e in kernels]
 
 
-def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, device) -> list[dict]:
+def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, device) -> Iterator[dict]:
     """The ring eval (KV_EVAL_BATCH rows, a C-entry ring) of the first n_tokens targets through the exact backend,
-    then through each backend, with its delta vs exact."""
+    then through each backend, with its delta vs exact: a row each, as it is measured."""
     if val.numel() - 1 < n_tokens:
         raise SystemExit(f"--ring-tokens {n_tokens}: the validation split holds only {val.numel() - 1} targets")
     plan = kv.ring_plan(val[:n_tokens + 1], args.kv_eval_batch, args.kv_eval_context_len or args.train_seq_len)
-    exact = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, kv.exact_backend(device), device, print)
-    rows = [exact]
-    for backend in backends:
+    exact = None
+    for backend in [kv.exact_backend(device), *backends]:
         r = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, backend, device, print)
+        exact = exact or r
         r["delta_vs_exact"] = r["val_bpb"] - exact["val_bpb"]
-        rows.append(r)
-    bf16_bytes = exact["bytes_per_token"]
-    for r in rows:
-        print(f"ring {r['backend']:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r.get('delta_vs_exact', 0.0):+.6f}  "
-              f"bytes/token {r['bytes_per_token']} ({r['bytes_per_token'] / bf16_bytes:.3f}x bf16)  "
-              f"{r['tok_s']:.0f} tok/s over {r['tokens']} tokens")
-    return rows
+        print(f"ring {r['backend']:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r['delta_vs_exact']:+.6f}  "
+              f"bytes/token {r['bytes_per_token']} ({r['bytes_per_token'] / exact['bytes_per_token']:.3f}x bf16)  "
+              f"{r['tok_s']:.0f} tok/s over {r['tokens']} tokens", flush=True)
+        yield r
 
 
 def throughput(args, model, val, luts, backends: list[str], batches: list[int], batch1_windows: int, steps: int,
-               device) -> list[dict]:
-    """Per backend and batch: the windows-mode AR eval (its bpb against teacher forcing) and full-cache tok/s."""
-    rows, teacher_forced = [], {}
+               device) -> Iterator[dict]:
+    """Per backend and batch: the windows-mode AR eval (its bpb against teacher forcing) and full-cache tok/s, a row
+    each, as it is measured."""
+    teacher_forced = {}
     for backend in backends:
         for batch in batches:
             windows = batch1_windows if batch == 1 else batch
@@ -111,12 +112,11 @@ def throughput(args, model, val, luts, backends: list[str], batches: list[int], 
                                        backend, device, print, batch=batch)
             r["teacher_forced_val_bpb"] = teacher_forced[windows]
             r["full_cache_tok_s"] = full_cache_tok_s(args, model, val, backend, batch, steps, device)
-            rows.append(r)
             print(f"{backend:<12} batch {batch:>4}: windows {r['tok_s']:>10.0f} tok/s, full cache "
                   f"{r['full_cache_tok_s']:>10.0f} tok/s  val_bpb {r['val_bpb']:.6f} "
                   f"(teacher-forced {teacher_forced[windows]:.6f})  peak {r['peak_mem_mib']:.0f} MiB  "
-                  f"bytes/token {r['bytes_per_token']}")
-    return rows
+                  f"bytes/token {r['bytes_per_token']}", flush=True)
+            yield r
 
 
 def main() -> None:
@@ -156,6 +156,7 @@ def main() -> None:
     args = dataclasses.replace(tg.Hyperparameters.from_env(), **config, data_path=a.data_path, tokenizer_path=a.tokenizer)
     val = tg.load_validation_tokens(args)
     luts = tg.ByteLUTs.build(tg.load_tokenizer(args), device)
+    out = RowsFile(a.out)
     if a.profile:
         rows = profile(args, model, val, a.backends.split(",")[0], a.profile, device)
     elif a.ring_tokens:
@@ -163,7 +164,8 @@ def main() -> None:
     else:
         rows = throughput(args, model, val, luts, a.backends.split(","), [int(b) for b in a.batches.split(",")],
                           a.batch1_windows, a.steps, device)
-    a.out.write_text(json.dumps(rows, indent=2))
+    for row in rows:
+        out.add(row)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton_kv_ops as kv  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows_file import RowsFile  # noqa: E402
+
+DEVICE, DTYPE = "cuda", torch.bfloat16  # the decoder's (the CPU tests run the sweep in fp32 under the interpreter)
 
 
 def copy_bandwidth() -> float:
@@ -69,10 +73,10 @@ def write_args(cache: kv.KVCache, a) -> tuple:
 
 def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVCache:
     """A full cache of random codes and scales: never time on zeros."""
-    cache = kv.make_kv_cache(name, batch, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda", torch.bfloat16, cfg)
+    cache = kv.make_kv_cache(name, batch, a.kv_heads, a.q_heads, ctx, a.head_dim, DEVICE, DTYPE, cfg)
     for buf in cache.buffers.values():
-        buf.copy_(torch.randint(-100, 100, buf.shape, device="cuda").to(buf.dtype) if not buf.is_floating_point()
-                  else torch.rand(buf.shape, device="cuda").to(buf.dtype) * 0.01 + 0.001)
+        buf.copy_(torch.randint(-100, 100, buf.shape, device=DEVICE).to(buf.dtype) if not buf.is_floating_point()
+                  else torch.rand(buf.shape, device=DEVICE).to(buf.dtype) * 0.01 + 0.001)
     cache.lengths.fill_(ctx)
     return cache
 
@@ -112,7 +116,7 @@ def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
     for settings in itertools.product([h for h in range(1, a.kv_heads + 1) if a.kv_heads % h == 0], WRITE_WARPS):
         cache.relaunch(write_settings=settings)
         got = kv.query_tensor(cache.prologue(*args)).float()
-        rows.append({"backend": name, "batch": cache.batch, "write_settings": settings,
+        rows.append({"backend": name, "context": cache.capacity, "batch": cache.batch, "write_settings": settings,
                      "us": bench(lambda c=cache: c.prologue(*args), reps=5, inner=10) * 1000,
                      "max_abs_err_vs_torch": float((got - want).abs().max())})
     cache.relaunch()
@@ -124,16 +128,16 @@ def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
 
 
 def sweep(a, cfg: kv.KVConfig) -> None:
-    rows = []
+    out = RowsFile(a.out)
     for name in (n for n in a.backends.split(",") if n in TRITON_NAMES):
         for ctx, b in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
             cache = random_cache(name, b, ctx, a, cfg)
-            ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], b, a.kv_heads, a.q_heads, ctx, a.head_dim, "cuda",
-                                   torch.bfloat16, cfg)
+            ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], b, a.kv_heads, a.q_heads, ctx, a.head_dim, DEVICE, DTYPE,
+                                   cfg)
             for key, buf in cache.buffers.items():
                 ref.buffers[key].copy_(buf)
             ref.lengths.copy_(cache.lengths)
-            q = torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(b, a.q_heads, a.head_dim, device=DEVICE, dtype=DTYPE)
             want = ref.attend(q).float()
             q = cache.as_query(q)  # as the decoder's prologue hands it over
             moved = b * ctx * cache.bytes_per_token()
@@ -147,16 +151,16 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                 except Exception as e:  # a setting the compiler refuses (shared memory, registers) is reported
                     print(f"{name} ctx {ctx} B {b} {settings}: {type(e).__name__}")
                     continue
-                rows.append({"backend": name, "context": ctx, "batch": b, "settings": settings, "splits": cache.splits,
-                             "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
-            shape_rows = [r for r in rows if r["backend"] == name and r["context"] == ctx and r["batch"] == b]
+                out.add({"backend": name, "context": ctx, "batch": b, "settings": settings, "splits": cache.splits,
+                         "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
+            shape = (name, ctx, b)
+            shape_rows = [r for r in out.rows if "settings" in r and (r["backend"], r["context"], r["batch"]) == shape]
             print(f"{name} ctx {ctx} B {b}: fastest of {len(shape_rows)} (block_n/warps/stages/programs per SM/register "
                   "cap -> splits)")
             for r, tag in fastest(shape_rows, "settings", default, 5):
                 print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "
                       f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
-            rows += sweep_write(name, cache, ref, a)
-    a.out.write_text(json.dumps(rows, indent=2))
+            out.add(*sweep_write(name, cache, ref, a))
 
 
 def main() -> None:
@@ -178,7 +182,9 @@ def main() -> None:
         return sweep(a, cfg)
     bw = copy_bandwidth()
     print(f"measured copy bandwidth: {bw:.0f} GB/s")
-    rows = []
+    out = RowsFile(a.out, {"copy_bandwidth_GB_s": bw})
+    print(f"{'backend':<12}{'ctx':>7}{'B':>5}{'us':>10}{'GB/s':>9}{'%bw':>6}{'B/tok':>7}{'peak+MiB':>10}{'x torch':>9}"
+          f"{'write us':>10}")
     for ctx in map(int, a.contexts.split(",")):
         for b in map(int, a.batches.split(",")):
             ref_us = {}
@@ -186,7 +192,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 cache = random_cache(name, b, ctx, a, cfg)
-                q = cache.as_query(torch.randn(b, a.q_heads, a.head_dim, device="cuda", dtype=torch.bfloat16))
+                q = cache.as_query(torch.randn(b, a.q_heads, a.head_dim, device=DEVICE, dtype=DTYPE))
                 cache.prewarm()
                 cache.lengths.fill_(ctx)
                 held = torch.cuda.memory_allocated()
@@ -198,18 +204,15 @@ def main() -> None:
                 ref_us[name] = us
                 moved = b * ctx * cache.bytes_per_token()
                 ref = kv.TORCH_REFERENCE.get(name)
-                rows.append({"backend": name, "context": ctx, "batch": b, "us_per_attend": us, "GB_s": moved / ms / 1e6,
-                             "frac_of_copy_bw": moved / ms / 1e6 / bw, "bytes_per_token": cache.bytes_per_token(),
-                             "peak_over_baseline_mib": peak / 2**20, "cache_mib": (held - base) / 2**20,
-                             "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None, "us_per_write": write_us})
-    print(f"{'backend':<12}{'ctx':>7}{'B':>5}{'us':>10}{'GB/s':>9}{'%bw':>6}{'B/tok':>7}{'peak+MiB':>10}{'x torch':>9}"
-          f"{'write us':>10}")
-    for r in rows:
-        sp = f"{r['speedup_vs_torch']:.1f}" if r["speedup_vs_torch"] else "-"
-        print(f"{r['backend']:<12}{r['context']:>7}{r['batch']:>5}{r['us_per_attend']:>10.1f}{r['GB_s']:>9.0f}"
-              f"{100 * r['frac_of_copy_bw']:>6.1f}{r['bytes_per_token']:>7}{r['peak_over_baseline_mib']:>10.1f}{sp:>9}"
-              f"{r['us_per_write']:>10.1f}")
-    a.out.write_text(json.dumps({"copy_bandwidth_GB_s": bw, "rows": rows}, indent=2))
+                r = {"backend": name, "context": ctx, "batch": b, "us_per_attend": us, "GB_s": moved / ms / 1e6,
+                     "frac_of_copy_bw": moved / ms / 1e6 / bw, "bytes_per_token": cache.bytes_per_token(),
+                     "peak_over_baseline_mib": peak / 2**20, "cache_mib": (held - base) / 2**20,
+                     "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None, "us_per_write": write_us}
+                out.add(r)
+                sp = f"{r['speedup_vs_torch']:.1f}" if r["speedup_vs_torch"] else "-"
+                print(f"{name:<12}{ctx:>7}{b:>5}{us:>10.1f}{r['GB_s']:>9.0f}{100 * r['frac_of_copy_bw']:>6.1f}"
+                      f"{r['bytes_per_token']:>7}{r['peak_over_baseline_mib']:>10.1f}{sp:>9}{write_us:>10.1f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

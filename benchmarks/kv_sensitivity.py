@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import triton_kv_ops as kv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_decode import ring_deltas  # noqa: E402
+from rows_file import RowsFile  # noqa: E402
 
 
 class RoundtripTQ4(kv.KVCache):
@@ -112,8 +112,9 @@ def main() -> None:
     recent = [int(r) for r in a.recent.split(",") if r]
     if any(r < 1 for r in recent):
         p.error(f"--recent takes ring sizes of at least 1, not {a.recent}")
-    rows = ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer, recent), a.tokens, device)
-    a.out.write_text(json.dumps(rows, indent=2))
+    out = RowsFile(a.out)
+    for row in ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer, recent), a.tokens, device):
+        out.add(row)
 
 
 if __name__ == "__main__":

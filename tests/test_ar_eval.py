@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 import triton_kv_ops as kv
-from conftest import ROOT, TOKENIZER
+from conftest import ROOT, TOKENIZER, load_benchmark
 
 
 def tiny_model(seed=0, layers=3):
@@ -272,6 +272,26 @@ def test_ar_eval_reports_progress_within_one_batch(monkeypatch):
     plan = kv.ring_plan(torch.randint(0, 1024, (41,)), 4, 8)
     kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts_cpu(), "bf16", torch.device("cpu"), lines.append)
     assert len(lines) == 17 and lines[-1].startswith("ar_eval_progress backend:bf16 mode:ring scored:40/40 decoded:61/61")
+
+
+def test_ring_deltas_yield_each_row_as_it_is_measured(monkeypatch):
+    """benchmark_decode.py's ring_deltas (kv_sensitivity.py's too), whose rows a cut run keeps: the exact backend's
+    row comes first, before any other backend runs, with delta 0; then each backend's, as the AR eval scores it
+    alone, with its delta vs exact."""
+    decode = load_benchmark("benchmark_decode", monkeypatch)
+    args, model = tiny_model(7, layers=1)
+    tokens, luts, cpu = torch.randint(0, 1024, (66,)), luts_cpu(), torch.device("cpu")
+    scored = []
+    evaluate = kv.autoregressive_eval
+    monkeypatch.setattr(kv, "autoregressive_eval", lambda *a, **k: scored.append(a[4]) or evaluate(*a, **k))
+    rows = decode.ring_deltas(args, model, tokens, luts, ["int8"], 64, cpu)
+    exact = next(rows)
+    assert scored == [kv.exact_backend(cpu)] and exact["backend"] == scored[0] and exact["delta_vs_exact"] == 0.0
+    (int8,) = list(rows)
+    alone = evaluate(args.ar_eval_settings(), model, kv.ring_plan(tokens[:65], args.kv_eval_batch, args.train_seq_len),
+                     luts, "int8", cpu, print)
+    assert int8["backend"] == "int8" and int8["val_bpb"] == alone["val_bpb"] != exact["val_bpb"]
+    assert int8["delta_vs_exact"] == int8["val_bpb"] - exact["val_bpb"]
 
 
 def test_rotated_values_fold_into_the_output_projection():

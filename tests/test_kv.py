@@ -457,6 +457,55 @@ def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch
     assert cache.write_settings is None and "default" in capsys.readouterr().out
 
 
+def test_sweep_runs_every_shape_and_keeps_its_rows(monkeypatch, tmp_path):
+    """benchmark_kv_backends.py --sweep over two shapes (its timer stubbed, the CPU in fp32): each shape's attention
+    settings and write settings are rows of the file, each checked against the torch reference. The write rows hold
+    no attention settings: the second shape's ranking skips them (it raised KeyError on them)."""
+    import argparse
+    import json
+
+    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
+    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    monkeypatch.setattr(bench, "GRIDS", {"int8": ((64,), (1,), (2,), (8,), (None,))})
+    monkeypatch.setattr(bench, "WRITE_WARPS", (2,))
+    a = argparse.Namespace(backends="int8_triton", shapes="64x2,32x1", kv_heads=4, q_heads=8, head_dim=64,
+                           out=tmp_path / "kv_sweep.json")
+    bench.sweep(a, CFG)
+    rows = json.loads(a.out.read_text())
+    assert [(r["context"], r["batch"], "settings" in r) for r in rows] == [
+        (64, 2, True), (64, 2, False), (64, 2, False), (64, 2, False), (32, 1, True), (32, 1, False), (32, 1, False),
+        (32, 1, False)]
+    assert max(r["max_abs_err_vs_torch"] for r in rows) < 1e-4
+
+
+def test_rows_file_keeps_what_a_cut_run_measured(monkeypatch, tmp_path):
+    """benchmarks/rows_file.py: the file holds every row added so far, whole, when the run fails after some; a header
+    goes beside the rows; a new run's file starts empty (no stale rows of an earlier run)."""
+    import json
+
+    rows_file = load_benchmark("rows_file", monkeypatch)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps([{"stale": True}]))
+
+    def measured():
+        yield {"backend": "int8_triton", "us": 1.0}
+        yield {"backend": "tq4_triton", "us": 2.0}
+        raise TimeoutError("the stage's deadline")
+
+    out = rows_file.RowsFile(path)
+    assert json.loads(path.read_text()) == []
+    with pytest.raises(TimeoutError):
+        for row in measured():
+            out.add(row)
+    assert json.loads(path.read_text()) == [{"backend": "int8_triton", "us": 1.0}, {"backend": "tq4_triton", "us": 2.0}]
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+    with_header = rows_file.RowsFile(path, {"copy_bandwidth_GB_s": 4176.0})
+    with_header.add({"us": 3.0})
+    assert json.loads(path.read_text()) == {"copy_bandwidth_GB_s": 4176.0, "rows": [{"us": 3.0}]}
+
+
 def test_compare_revs_puts_each_versions_figures_beside_the_first(tmp_path):
     """benchmarks/compare_revs.py on the files device_run.sh's stages write per version: each figure of the first
     version, the others' beside it with their ratio to it, '-' where a version lacks it; a version without runs is
