@@ -480,6 +480,38 @@ def test_sweep_runs_every_shape_and_keeps_its_rows(monkeypatch, tmp_path):
     assert max(r["max_abs_err_vs_torch"] for r in rows) < 1e-4
 
 
+def test_kv_bench_rows_per_backend_and_shape(monkeypatch, tmp_path, capsys):
+    """benchmark_kv_backends.py as device_run.sh's kv stage runs it, on the CPU (its timer, copy bandwidth and CUDA
+    memory counters stubbed, fp32 under the interpreter): a row per backend and shape with the attention's and the
+    KV write's us, the Triton backend's speedup over its torch reference, the copy bandwidth beside the rows."""
+    import json
+    import sys
+
+    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
+    timed = []
+    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), timed.append(1), 0.001 * len(timed))[2])
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4176.0)
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    for counter in ("is_available", "empty_cache", "memory_allocated", "reset_peak_memory_stats",
+                    "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, counter, lambda *_, c=counter: c == "is_available" or 0)
+    out = tmp_path / "kv_bench.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark_kv_backends.py", "--contexts", "32,48", "--batches", "2",
+                                      "--backends", "int8,int8_triton", "--out", str(out)])
+    bench.main()
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert data["copy_bandwidth_GB_s"] == 4176.0 and len(timed) == 8
+    assert [(r["backend"], r["context"], r["batch"]) for r in rows] == [
+        ("int8", 32, 2), ("int8_triton", 32, 2), ("int8", 48, 2), ("int8_triton", 48, 2)]
+    assert [(r["us_per_attend"], r["us_per_write"]) for r in rows] == [(1.0, 2.0), (3.0, 4.0), (5.0, 6.0), (7.0, 8.0)]
+    assert [r["speedup_vs_torch"] for r in rows] == [None, 1 / 3, None, 5 / 7]
+    assert rows[0]["bytes_per_token"] == rows[1]["bytes_per_token"]
+    last = capsys.readouterr().out.splitlines()[-1].split()  # each row printed as it is measured
+    assert last[:4] == ["int8_triton", "48", "2", "7.0"] and last[-1] == "8.0"
+
+
 def test_rows_file_keeps_what_a_cut_run_measured(monkeypatch, tmp_path):
     """benchmarks/rows_file.py: the file holds every row added so far, whole, when the run fails after some; a header
     goes beside the rows; a new run's file starts empty (no stale rows of an earlier run)."""
