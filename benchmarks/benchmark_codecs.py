@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def main() -> None:
     codecs = [tg.CodecSettings.parse(spec, tg.Hyperparameters.quant_seed) for spec in a.codecs.split()]
     for codec in codecs:
         for comp in args_compressors:
-            path = Path(f"/tmp/codec_bench_{codec.label}_{comp}.ptz")
-            st = tg.export_artifact({k: v.to(device) for k, v in state.items()}, codec, config, comp, path)
-            deq, _ = tg.load_artifact(path)
+            with tempfile.TemporaryDirectory() as scratch:  # each artifact written and read back, then gone
+                path = Path(scratch) / f"{codec.label}_{comp}.ptz"
+                st = tg.export_artifact({k: v.to(device) for k, v in state.items()}, codec, config, comp, path)
+                deq, _ = tg.load_artifact(path)
             err = sum(float(((deq[k] - v.float()) ** 2).sum()) for k, v in quantized.items()) / sum(
                 float((v.float() ** 2).sum()) for v in quantized.values())
             row = {"codec": codec.spec(), "compressor": comp, "artifact_bytes": st["bytes"],
