@@ -94,8 +94,13 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          # 4 warp instructions a cycle an SM, 1.98 GHz) or reads (68 us at copy bandwidth), with 12 one-warp programs
          # an SM to hide latency. Caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
          # benchmarks/attend_sass.py --settings 32/1/3/16/144); whether more warps hide more is what they test (before
-         # keys x q^T, 12 programs an SM under the 168 cap had been 2.7% slower than 8 at 1024 x 1024)
-         "tq4": ((32, 64), (1, 2), (2, 3), (8, 16), (None, 128, 144, 168)),
+         # keys x q^T, 12 programs an SM under the 168 cap had been 2.7% slower than 8 at 1024 x 1024). Deeper pipelines:
+         # a program keeps num_stages - 1 blocks in flight, so tq4's launch holds 2 x 32 entries x 68 bytes, 52 KB an SM
+         # at 12 programs, against int8's 139 KB (2 x 64 x 136 bytes, 8 programs) at 94.5% of copy bandwidth; 4 and 6
+         # stages hold 78 and 131 KB (12,544 and 17,152 B of shared memory a program: still 12 programs an SM), and 4
+         # builds to 561 instructions an entry against 600 (154 registers; a ring of 4 stage buffers is indexed by a
+         # mask, not a compare and a select). Two warps and 2 stages never led a tq4 sweep: dropped for 48 settings.
+         "tq4": ((32, 64), (1,), (3, 4, 6), (8, 16), (None, 128, 144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
