@@ -83,7 +83,7 @@ def attend_call(kv, name: str, regime: str, g: int, d: int, capacity: int, setti
     at its launch settings or at `settings`."""
     batch = 64 if regime == "bandwidth" else 1
     cache = backend_cache(kv, name, batch, g, d, capacity)
-    cache.settings = settings or cache.launch[regime]
+    cache.relaunch(settings or cache.launch[regime])
     cache.lengths.fill_(capacity)
     q = torch.randn(batch, 4 * g, d, dtype=torch.bfloat16)
     return recorded_call(kv, "_attend_kernel", lambda: cache.attend(q))
@@ -94,7 +94,7 @@ def write_call(kv, name: str, regime: str, g: int, d: int, capacity: int, settin
     rows: bandwidth), at its write settings or at `settings`."""
     batch = 1024 if regime == "bandwidth" else 1
     cache = backend_cache(kv, name, batch, g, d, capacity)
-    cache.write_settings = settings
+    cache.relaunch(write_settings=settings)
     qkv = torch.randn(batch, (4 * g + 8) * d, dtype=torch.bfloat16)
     return recorded_call(kv, "_kv_write_kernel",
                          lambda: cache.prologue(qkv, torch.arange(batch), torch.rand(d // 2), torch.ones(4 * g)))

@@ -147,7 +147,7 @@ def sweep(a, cfg: kv.KVConfig) -> None:
             q = cache.as_query(q)  # as the decoder's prologue hands it over
             moved = b * ctx * cache.bytes_per_token()
             default = cache.launch_settings()
-            grid = GRIDS.get(cache.key_codec, WIDE_GRID)
+            grid, shape_rows = GRIDS.get(cache.key_codec, WIDE_GRID), []
             for settings in itertools.product(*grid):
                 cache.relaunch(settings)
                 try:
@@ -156,10 +156,10 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                 except Exception as e:  # a setting the compiler refuses (shared memory, registers) is reported
                     print(f"{name} ctx {ctx} B {b} {settings}: {type(e).__name__}")
                     continue
-                out.add({"backend": name, "context": ctx, "batch": b, "settings": settings, "splits": cache.splits,
-                         "us": us, "GB_s": moved / us / 1e3, "max_abs_err_vs_torch": float((got - want).abs().max())})
-            shape = (name, ctx, b)
-            shape_rows = [r for r in out.rows if "settings" in r and (r["backend"], r["context"], r["batch"]) == shape]
+                shape_rows.append({"backend": name, "context": ctx, "batch": b, "settings": settings,
+                                   "splits": cache.splits, "us": us, "GB_s": moved / us / 1e3,
+                                   "max_abs_err_vs_torch": float((got - want).abs().max())})
+                out.add(shape_rows[-1])
             print(f"{name} ctx {ctx} B {b}: fastest of {len(shape_rows)} (block_n/warps/stages/programs per SM/register "
                   "cap -> splits)")
             for r, tag in fastest(shape_rows, "settings", default, 5):

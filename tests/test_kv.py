@@ -440,14 +440,23 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
 
 
+def kv_bench_on_cpu(monkeypatch, timer=lambda fn, **_: (fn(), 1.0)[1]):
+    """benchmarks/benchmark_kv_backends.py run on this machine: fp32 caches under the interpreter, its CUDA timer
+    replaced by `timer` (fn -> ms)."""
+    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
+    monkeypatch.setattr(bench, "bench", timer)
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    return bench
+
+
 @pytest.mark.parametrize("name", ["int8_triton", "tq4_triton"])
 def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch, capsys):
     """benchmark_kv_backends.py's write sweep (its timer stubbed: it needs CUDA): every (KV heads a program, warps)
     setting writes the query the torch reference does, and the cache is left on its default settings."""
     import argparse
 
-    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
-    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), 1.0)[1])
+    bench = kv_bench_on_cpu(monkeypatch)
     torch.manual_seed(7)
     a = argparse.Namespace(kv_heads=4, q_heads=8, head_dim=64)
     cache, ref = (kv.make_kv_cache(n, 2, 4, 8, 16, 64, DEVICE, torch.float32, CFG) for n in (name, kv.TORCH_REFERENCE[name]))
@@ -459,15 +468,12 @@ def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch
 
 def test_sweep_runs_every_shape_and_keeps_its_rows(monkeypatch, tmp_path):
     """benchmark_kv_backends.py --sweep over two shapes (its timer stubbed, the CPU in fp32): each shape's attention
-    settings and write settings are rows of the file, each checked against the torch reference. The write rows hold
-    no attention settings: the second shape's ranking skips them (it raised KeyError on them)."""
+    settings and write settings are rows of the file, each checked against the torch reference, and each shape ranks
+    its own attention rows (a ranking over every row raised KeyError on the write rows, which held no context)."""
     import argparse
     import json
 
-    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
-    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), 1.0)[1])
-    monkeypatch.setattr(bench, "DEVICE", DEVICE)
-    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    bench = kv_bench_on_cpu(monkeypatch)
     monkeypatch.setattr(bench, "GRIDS", {"int8": ((64,), (1,), (2,), (8,), (None,))})
     monkeypatch.setattr(bench, "WRITE_WARPS", (2,))
     a = argparse.Namespace(backends="int8_triton", shapes="64x2,32x1", kv_heads=4, q_heads=8, head_dim=64,
@@ -487,12 +493,9 @@ def test_kv_bench_rows_per_backend_and_shape(monkeypatch, tmp_path, capsys):
     import json
     import sys
 
-    bench = load_benchmark("benchmark_kv_backends", monkeypatch)
     timed = []
-    monkeypatch.setattr(bench, "bench", lambda fn, **_: (fn(), timed.append(1), 0.001 * len(timed))[2])
+    bench = kv_bench_on_cpu(monkeypatch, lambda fn, **_: (fn(), timed.append(1), 0.001 * len(timed))[2])
     monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4176.0)
-    monkeypatch.setattr(bench, "DEVICE", DEVICE)
-    monkeypatch.setattr(bench, "DTYPE", torch.float32)
     for counter in ("is_available", "empty_cache", "memory_allocated", "reset_peak_memory_stats",
                     "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, counter, lambda *_, c=counter: c == "is_available" or 0)
