@@ -25,6 +25,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any process group: see leave_process_group
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -128,12 +130,8 @@ class Hyperparameters:
     kv_recent_exact_tokens: str = "auto"  # newest entries kept exact: auto (tq4 8, qjl_recentk 6) or a count
     kv_seed: int = 0
 
-    CHOICES = {
-        "compile": ("auto", "0", "1"),
-        "qat_scheme": ("none", "int8", "int", "polar"),
-        "weight_quant_scheme": ("int8", "int", "polar"),
-        "compressor": ("zlib", "lzma"),
-    }
+    CHOICES = {"compile": ("auto", "0", "1"), "qat_scheme": ("none", "int8", "int", "polar"),
+               "weight_quant_scheme": ("int8", "int", "polar"), "compressor": ("zlib", "lzma")}
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Hyperparameters":
@@ -263,46 +261,49 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
+    store: dist.Store | None = None  # the launcher's key-value store: it outlives the process group
+    enabled = property(lambda self: self.world_size > 1)
+    master = property(lambda self: self.rank == 0)
 
 
 def init_distributed() -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world_size, local_rank, device)
+    if world_size == 1:
+        return Dist(rank, world_size, local_rank, device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world_size, local_rank, device, dist.distributed_c10d._get_default_store())
 
 
-def step_range(step: int, d: Dist) -> tuple[int, int]:
-    """(fewest, most) optimizer steps any rank took: equal on a run whose ranks stopped together."""
+def leave_process_group(d: Dist) -> None:
+    """Every rank leaves the group before rank 0's evals (CUDA graphs, captured with no NCCL group live). The caller
+    drops its DDP wrapper first, so the group's threads join here, not at exit, where a gloo worker freeing tensors
+    takes the GIL and aborts. torch.distributed.nn holds the group (in default arguments) unless imported first."""
+    if d.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def end_run(d: Dist) -> None:
+    """Rank 0 says it is done; the other ranks wait for that to exit, so no failure at their exit makes torchrun stop
+    rank 0's evals (torchrun stops every rank when one fails, and the waiting ones if rank 0 does)."""
+    if d.enabled and d.master:
+        d.store.set("rank0_done", "1")
+    elif d.enabled:
+        d.store.wait(["rank0_done"], timedelta(days=1))
+
+
+def ranks_max(d: Dist, *values: int) -> list[int]:
+    """Each value's maximum over the ranks: a flag any rank raises (the wallclock stop), or -x and x for x's range."""
     if not d.enabled:
-        return step, step
-    t = torch.tensor([-step, step], device=d.device)
+        return list(values)
+    t = torch.tensor(values, device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return -int(t[0]), int(t[1])
-
-
-def all_ranks_agree(flag: bool, d: Dist) -> bool:
-    """True on every rank as soon as any rank says True (the wallclock stop decision)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.tolist()
 
 
 class RunLog:
@@ -1404,16 +1405,16 @@ def main() -> None:
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / step:.2f}ms")
             raise_if_diverged(first_bad_step)
-        if stop_at is None and all_ranks_agree(budget_ms is not None and approx_ms >= budget_ms, d):
+        if stop_at is None and ranks_max(d, int(budget_ms is not None and approx_ms >= budget_ms))[0]:
             stop_at = step
     phases["train"] = train_ms / 1000.0
     tokens_per_s = step * args.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
     if stop_at is not None and stop_at < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-    fewest, most = step_range(step, d)
-    if fewest != most:
-        raise RuntimeError(f"ranks stopped at different steps ({fewest} to {most}): their weights differ")
-    log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{fewest == most} "
+    neg_fewest, most = ranks_max(d, -step, step)
+    if -neg_fewest != most:
+        raise RuntimeError(f"ranks stopped at different steps ({-neg_fewest} to {most}): their weights differ")
+    log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{-neg_fewest == most} "
         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
         f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{kv.peak_mem_mib(d.device):.0f}MiB")
     pre_loss, pre_bpb = vl, vb
@@ -1460,8 +1461,7 @@ def main() -> None:
         model.load_state_dict(state, strict=True)
         phases["codec_compare"] = time.perf_counter() - t_compare
 
-    # References on the comparison slice (every rank), then the rank-0-only autoregressive evals: the
-    # other ranks leave the process group first, so no collective waits on rank 0 and every rank exits cleanly.
+    # References on the comparison slice (every rank); then, out of the process group, rank 0's autoregressive evals.
     summary = {"run_id": args.run_id, "world_size": d.world_size, "steps": step,
                "step_avg_ms": train_ms / max(step, 1), "tokens_per_s": tokens_per_s,
                "peak_mem_mib": kv.peak_mem_mib(d.device), "pre_roundtrip_val_bpb": pre_bpb,
@@ -1483,9 +1483,8 @@ def main() -> None:
             f"seconds:{time.perf_counter() - t_ref:.2f}")
     phases["reference_evals"] = time.perf_counter() - t_ref
     summary["references"] = {k: {"val_loss": v[0], "val_bpb": v[1]} for k, v in references.items()}
-    if d.enabled:
-        dist.barrier()
-        dist.destroy_process_group()
+    del ddp_model
+    leave_process_group(d)
     if d.master:
         summary["ar_eval"] = kv.final_ar_evals(ar_settings, model, scored_tokens, compare_tokens, references,
                                                luts, d.device, log, phases)
@@ -1495,6 +1494,7 @@ def main() -> None:
         summary_path = out / "logs" / f"{args.run_id}.json"
         summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
         os.replace(summary_path.with_suffix(".json.tmp"), summary_path)
+    end_run(d)
 
 if __name__ == "__main__":
     main()

@@ -15,16 +15,15 @@ import train_gpt as tg
 from conftest import ROOT, tiny_env
 
 
-def launch(env, nproc=1, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+def launch(env, nproc=1, timeout=600, script=ROOT / "train_gpt.py") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(script)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train_gpt.py")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def run(env, nproc=1, timeout=600):
-    p = launch(env, nproc, timeout)
+def run(env, nproc=1, timeout=600, script=ROOT / "train_gpt.py"):
+    p = launch(env, nproc, timeout, script)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -87,14 +86,31 @@ def test_wallclock_cap_stops_every_rank(sample_shards, tmp_path):
 
 def _agree(rank, path, results):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    results[rank] = tg.all_ranks_agree(rank == 0, tg.Dist(rank, 2))
+    steps = (5, 7)[rank]
+    results[rank] = tg.ranks_max(tg.Dist(rank, 2), int(rank == 0), -steps, steps)
     dist.destroy_process_group()
 
 
-def test_stop_decision_is_agreed_across_ranks(tmp_path):
+def test_stop_decision_and_step_range_are_agreed_across_ranks(tmp_path):
+    """Rank 0 alone wants to stop: both stop. Ranks at 5 and 7 steps: both see the range (fewest 5, most 7)."""
     results = mp.Manager().dict()
     mp.spawn(_agree, args=(str(tmp_path / "rdv"), results), nprocs=2)
-    assert dict(results) == {0: True, 1: True}
+    assert dict(results) == {0: [1, -5, 7], 1: [1, -5, 7]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts gloo's worker threads by name in /proc")
+def test_two_rank_run_leaves_no_gloo_threads_and_rank1_waits_for_rank0(sample_shards, tmp_path):
+    """The 2-rank runs aborted at exit, 2 in 183: a gloo worker still releasing a collective's tensors while the
+    interpreter finalized, the group kept alive past destroy_process_group. And no rank may exit before rank 0's
+    evals are done: torchrun would stop rank 0 if that exit failed."""
+    out = run(tiny_env(sample_shards, tmp_path, GRAD_ACCUM_STEPS=1, ITERATIONS=2), nproc=2,
+              script=ROOT / "tests" / "rank_exit_probe.py")
+    # the ranks share torchrun's stdout: a line's text and its newline are two writes, so lines can run together
+    left = dict(re.findall(r"probe_leave rank:(\d) (gloo_workers_before:\d+ after:\d+)", out))
+    assert left == {r: "gloo_workers_before:2 after:0" for r in "01"}, out[-3000:]
+    end = {r: (float(a), float(b))
+           for r, a, b in re.findall(r"probe_end rank:(\d) entered:([\d.]+\d) returned:([\d.]+\d)", out)}
+    assert end["1"][1] >= end["0"][0]  # rank 1 left end_run after rank 0, its AR evals done, entered it
 
 
 @pytest.mark.parametrize("log_every", [0, 3])
