@@ -624,13 +624,11 @@ if triton is not None:
                  mask=live[:, None] & (offs_g < D // GROUP)[None, :])
 
     @triton.jit
-    def _rotate(x, rot_signs_ptr, hadamard_ptr):
+    def _rotate(x, signs, h):
         """x (R, D) fp32 rows -> x in the layer's rotated basis, (x * signs) H / sqrt(D): two fp16 tensor-core dots
-        (x's fp16 high and low parts) against H, whose +-1 entries fp16 holds exactly: about fp32 accuracy."""
+        (x's fp16 high and low parts) against H (D, D), whose +-1 entries fp16 holds exactly: about fp32 accuracy."""
         D: tl.constexpr = x.shape[1]
-        offs = tl.arange(0, D)
-        xs = x * tl.load(rot_signs_ptr + offs)[None, :]
-        h = tl.load(hadamard_ptr + offs[:, None] * D + offs[None, :])
+        xs = x * signs[None, :]
         high = xs.to(tl.float16)
         return (tl.dot(high, h) + tl.dot((xs - high.to(tl.float32)).to(tl.float16), h)) * (1.0 / tl.sqrt(D * 1.0))
 
@@ -655,6 +653,26 @@ if triton is not None:
                  mask=live[:, None] & (offs < D // 2)[None, :])
         tl.store(s_ptr + entry, scale.to(tl.float16), mask=live)
         return c * scale.to(tl.float16).to(tl.float32)[:, None]
+
+    @triton.jit
+    def _rows(x, first: tl.constexpr, R: tl.constexpr):
+        """Rows first .. first + R - 1 of x (N, D) (first a multiple of R; N and R powers of two), as a tile of its
+        own: a tile's few key or value rows, so the coder runs on them and not on the query rows and padding a
+        tensor-core dot needs. The tile's blocks of R rows go to a last axis, halved by splits down to the block
+        wanted: each thread then holds its share of the R rows (tl.gather's tile is replicated over the threads
+        that held the other rows: 4 times, for 4 rows of 16)."""
+        N: tl.constexpr = x.shape[0]
+        D: tl.constexpr = x.shape[1]
+        tl.static_assert(first % R == 0, "_rows takes a block of R rows")
+        t = tl.permute(tl.reshape(x, (N // R, R, D)), (1, 2, 0))
+        for level in tl.static_range(N):  # log2(N // R) of them split: the block index's bit `level` picks a half
+            if (N // R) >> level > 1:
+                low, high = tl.split(tl.reshape(t, (R, D, (N // R) >> (level + 1), 2)))
+                if (first // R >> level) & 1:
+                    t = high
+                else:
+                    t = low
+        return tl.reshape(t, (R, D))
 
     @triton.jit
     def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr):
@@ -686,7 +704,7 @@ if triton is not None:
                          kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr,
                          vq_ptr, vs_ptr, sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
                          row_stride, CAP, eps, PROLOGUE: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr,
-                         HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, KEY: tl.constexpr,
+                         HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, KEY: tl.constexpr,
                          VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
                          RECENT: tl.constexpr, RECENT_VALUES: tl.constexpr):
         """Program (row, group of HG KV heads): code the row's new K and V of those heads, write them at slot
@@ -696,36 +714,51 @@ if triton is not None:
         (for tq4 and qjl keys: in the layer's rotated basis). qjl keys are tq4 codes plus the sign bits of the
         sketched residual and its norm. With RECENT, the rotated key (and with RECENT_VALUES the rotated value)
         also goes to a ring of the RECENT newest, and the row's newest position is kept. One tile holds the
-        group's heads: a sketch or rotation matrix is loaded once per program and applied by a tensor-core dot.
-        A row whose position is negative is inactive: nothing of it is written."""
+        group's query heads, keys and values: a sketch or rotation matrix is loaded once per program and applied by
+        tensor-core dots over all of it (tq4 values rotate with the keys, others keep their rows); the keys and the
+        values are then coded as BLOCK_K rows of their own, not with the tile's other rows and padding. A row whose
+        position is negative is inactive: nothing of it is written."""
         b, h0 = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64) * HG
         pos = tl.load(pos_ptr + b * pos_stride).to(tl.int64)
         slot = tl.maximum(pos, 0) % CAP
         ring_slot = tl.maximum(pos, 0) % RECENT if RECENT > 0 else 0
         G: tl.constexpr = HQ // H
-        NQ: tl.constexpr = HG * G if PROLOGUE else 0  # the tile's rows: NQ query heads, then HG keys
+        NQ: tl.constexpr = HG * G if PROLOGUE else 0  # the tile's rows: NQ query heads, HG keys from K0, HG values from V0
+        K0: tl.constexpr = (NQ + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+        V0: tl.constexpr = K0 + BLOCK_K
+        KEY_ROTATES: tl.constexpr = (KEY == "tq4") | (KEY == "qjl")
+        tl.static_assert(KEY_ROTATES | (VALUE != "tq4"), "tq4 values rotate with the keys: their codec must rotate")
         rows, offs = tl.arange(0, BLOCK_R), tl.arange(0, D)
         is_query = rows < NQ
-        is_key = (rows >= NQ) & (rows < NQ + HG) & (rows * 0 + pos >= 0)  # an inactive row writes no key
-        q_head, k_head = h0 * G + rows, h0 + rows - NQ
+        in_keys = (rows >= K0) & (rows < K0 + HG)
+        is_value = (rows >= V0) & (rows < V0 + HG)
+        is_key = in_keys & (rows * 0 + pos >= 0)  # an inactive row writes no key
+        q_head, k_head = h0 * G + rows, h0 + rows - K0
         x_head = tl.where(is_query, q_head, (HQ if PROLOGUE else 0) + k_head)  # where the head sits in x
-        ptrs = x_ptr + b * row_stride + x_head[:, None] * D
-        in_tile = (rows < NQ + HG)[:, None]
-        x = tl.load(ptrs + offs[None, :], mask=in_tile, other=0).to(tl.float32)
-        if PROLOGUE:
+        ptrs = tl.where(is_value, v_ptr + b * row_stride + (h0 + rows - V0) * D, x_ptr + b * row_stride + x_head * D)
+        in_tile = (is_query | in_keys | is_value)[:, None]
+        x = tl.load(ptrs[:, None] + offs[None, :], mask=in_tile, other=0).to(tl.float32)
+        signs, hadamard = 0, 0  # read by rotating codecs only
+        if KEY_ROTATES:  # every load of the program before its first store, which the loads could alias
+            signs = tl.load(rot_signs_ptr + offs)
+            hadamard = tl.load(hadamard_ptr + offs[:, None] * D + offs[None, :])
+        if PROLOGUE:  # queries and keys: RMS norm, rotary at the row's position, the queries' gains
             HALF: tl.constexpr = D // 2
-            partner = tl.load(ptrs + ((offs + HALF) % D)[None, :], mask=in_tile, other=0).to(tl.float32)
+            partner = tl.load(ptrs[:, None] + ((offs + HALF) % D)[None, :], mask=(is_query | in_keys)[:, None],
+                              other=0).to(tl.float32)
             freq = pos.to(tl.float32) * tl.load(inv_freq_ptr + offs % HALF)
             out_ty = x_ptr.dtype.element_ty  # cos and sin rounded to the compute dtype, as the model does
             cos = tl.cos(freq).to(out_ty).to(tl.float32)
             sin = tl.sin(freq).to(out_ty).to(tl.float32) * tl.where(offs < HALF, 1.0, -1.0)
             inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-            x = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
-            x = x * tl.load(gain_ptr + q_head, mask=is_query, other=1.0).to(tl.float32)[:, None]
-        entry = (b * H + k_head) * CAP + slot
-        if (KEY == "tq4") | (KEY == "qjl"):
-            x = _rotate(x, rot_signs_ptr, hadamard_ptr)
-        if KEY == "qjl":
+            normed = (x * cos[None, :] + partner * sin[None, :]) * inv_rms[:, None]
+            normed = normed * tl.load(gain_ptr + q_head, mask=is_query, other=1.0).to(tl.float32)[:, None]
+            x = tl.where(is_value[:, None], x, normed)
+        if KEY_ROTATES:
+            rotated = _rotate(x, signs, hadamard)
+            x = rotated if VALUE == "tq4" else tl.where(is_value[:, None], x, rotated)
+        if KEY == "qjl":  # on the whole tile: the sketch is a tensor-core dot
+            entry = (b * H + k_head) * CAP + slot
             residual = x - _store_tq4(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key)
             sx = _sketch(residual, sketch_ptr, M)
             bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
@@ -733,27 +766,23 @@ if triton is not None:
             tl.store(kbits_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
             tl.store(krnorm_ptr + entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
-        else:
-            _store_codes(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key, KEY, GROUP)
+        head = tl.arange(0, BLOCK_K)  # the group's KV heads, a row each in the tiles of its keys and its values
+        live = (head < HG) & (head * 0 + pos >= 0)
+        entry = (b * H + h0 + head) * CAP + slot
+        ring = (b * H + h0 + head) * RECENT + ring_slot
+        keys, values = _rows(x, K0, BLOCK_K), _rows(x, V0, BLOCK_K)
+        if KEY != "qjl":
+            _store_codes(keys, kq_ptr, ks_ptr, codebook_ptr, entry, live, KEY, GROUP)
         if RECENT > 0:
-            ring = (b * H + k_head) * RECENT + ring_slot
-            tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], x.to(krecent_ptr.dtype.element_ty),
-                     mask=is_key[:, None])
+            tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], keys.to(krecent_ptr.dtype.element_ty),
+                     mask=live[:, None])
         if PROLOGUE:
             tl.store(q_out_ptr + (b * HQ + q_head)[:, None] * D + offs[None, :], x.to(q_out_ptr.dtype.element_ty),
                      mask=is_query[:, None])
-        in_group = tl.arange(0, BLOCK_V) < HG
-        v_head = h0 + tl.arange(0, BLOCK_V)
-        v = tl.load(v_ptr + b * row_stride + v_head[:, None] * D + offs[None, :], mask=in_group[:, None],
-                    other=0).to(tl.float32)
-        if VALUE == "tq4":
-            v = _rotate(v, rot_signs_ptr, hadamard_ptr)
-        v_live = in_group & (v_head * 0 + pos >= 0)
         if RECENT_VALUES:
-            ring = (b * H + v_head) * RECENT + ring_slot
-            tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], v.to(vrecent_ptr.dtype.element_ty),
-                     mask=v_live[:, None])
-        _store_codes(v, vq_ptr, vs_ptr, codebook_ptr, (b * H + v_head) * CAP + slot, v_live, VALUE, GROUP)
+            tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], values.to(vrecent_ptr.dtype.element_ty),
+                     mask=live[:, None])
+        _store_codes(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, VALUE, GROUP)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
         if RECENT > 0:
             tl.store(newest_ptr + b, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
@@ -1230,7 +1259,8 @@ class TritonAttendMixin:
                q_gain: Tensor | None = None) -> None:
         self._plan()
         group = self.heads_per_write
-        rows = (group * self.q_heads // self.heads if q is not None else 0) + group
+        query_rows, block_k = group * self.q_heads // self.heads if q is not None else 0, triton.next_power_of_2(group)
+        rows = -(-query_rows // block_k) * block_k + 2 * block_k  # keys and values at multiples of block_k (_rows)
         dots = self.key_codec in ("qjl", "tq4")  # a tensor-core dot over the tile's rows needs 16 of them
         t = self.tables()
         _kv_write_kernel[(self.batch, self.heads // group)](
@@ -1238,10 +1268,9 @@ class TritonAttendMixin:
             x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.kernel_codes(), t.sketch,
             t.rot_signs, t.hadamard, t.codebook,
             x.stride(0), self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads,
-            H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)),
-            BLOCK_V=max(16 if self.value_codec == "tq4" else 1, triton.next_power_of_2(group)), KEY=self.key_codec,
-            VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim, RECENT=self.recent,
-            RECENT_VALUES=self.recent_values, num_warps=self.write_warps)
+            H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)), BLOCK_K=block_k,
+            KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim,
+            RECENT=self.recent, RECENT_VALUES=self.recent_values, num_warps=self.write_warps)
 
     def append(self, k, v, positions):
         b = self.batch
