@@ -1204,6 +1204,7 @@ class TritonAttendMixin:
     # the attention launch settings and the write kernel's.
     settings: Launch | None = None
     write_settings: WriteLaunch | None = None
+    bandwidth_write_warps = 2  # QJL prologue, batch 512: 8.3 against 11.9 us in 4
 
     def codes(self) -> KernelCodes:
         raise NotImplementedError
@@ -1228,9 +1229,9 @@ class TritonAttendMixin:
         return self.settings or self.launch["bandwidth" if self.bandwidth_bound() else "latency"]
 
     def write_launch(self) -> WriteLaunch:
-        """Bandwidth regime: all of a row's KV heads in a program, so a sketch or rotation loads once per row, in 2
-        warps (QJL prologue, batch 512: 8.3 against 11.9 us in 4). Latency regime: a KV head a program, in 4 warps."""
-        return self.write_settings or ((self.heads, 2) if self.bandwidth_bound() else (1, 4))
+        """Bandwidth regime: all of a row's KV heads in a program, so a sketch or rotation loads once per row, in
+        bandwidth_write_warps. Latency regime: a KV head a program, in 4 warps."""
+        return self.write_settings or ((self.heads, self.bandwidth_write_warps) if self.bandwidth_bound() else (1, 4))
 
     def relaunch(self, settings: Launch | None = None, write_settings: WriteLaunch | None = None) -> None:
         """New launch overrides (None: the declared launch), planned at the next call: a sweep's step."""
@@ -1374,10 +1375,12 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 (64 settings a shape: blocks of 16-128, 1-2 warps, 8 or 16 programs per SM,
-    # no cap or 168 registers), scores as keys x q^T (8f6b0c2): the fastest at 16384x64, 158.3 us, and within 1.2%
-    # of the fastest at 1024x1024, 162.3 us, against 160.3 and 171.0 for the former (64, 1, 3, 8, None)
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (32, 1, 3, 16, 168)}
+    # Bandwidth regime swept on one H200 (48 settings a shape, 3 to 6 stages, after the one-tile write kernel 3622365):
+    # 4 stages, the fastest at 1024x1024 within 0.1 us, 148.1 us, and within 0.7% of the fastest at 16384x64, 143.6 us,
+    # against 150.2 and 149.2 for the former 3 (a program holds num_stages - 1 blocks in flight). Its write, the
+    # same sweep at 1024x1024: 7.7 us in one warp against 9.4 in two (at 16384x64 6.6 against 6.5).
+    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (32, 1, 4, 16, 168)}
+    bandwidth_write_warps = 1
 
     def codes(self):
         return KernelCodes.of(self.k_codes, self.k_scale, self.v_codes, self.v_scale)

@@ -690,8 +690,8 @@ def test_attend_sass_builds_a_launch_it_is_given():
 
 def test_attend_sass_builds_the_write_kernel():
     """attend_sass.py --write builds the fused prologue's KV write kernel: tq4 rotates its one 16-row tile of query
-    heads, keys and values by two fp16 tensor-core dots against H (16x64x64 on two warps: 16 HMMA a dot a warp);
+    heads, keys and values by two fp16 tensor-core dots against H (16x64x64 in its one warp: 32 HMMA a dot);
     int8 rotates nothing."""
     lines = attend_sass("--backends", "tq4_triton,int8_triton", "--write", "--top", "60")
     mix = {name: dict(op.split(":") for op in line.split("per thread")[1].split()) for name, line in lines.items()}
-    assert int(mix["tq4_triton"]["HMMA"]) == 32 and "HMMA" not in mix["int8_triton"], mix
+    assert int(mix["tq4_triton"]["HMMA"]) == 64 and "HMMA" not in mix["int8_triton"], mix
