@@ -46,7 +46,9 @@ if [ -z "${REV:-}" ]; then  # a version run by REVS: its caller wrote the header
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
 fi
-if [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
+needs_data=0  # kv, sweep and gpu_tests read no shards: they run from a tree without the corpus too
+for stage in ${STAGES:-}; do case $stage in standin:*|decode|profile|ring|isolation) needs_data=1 ;; esac; done
+if [ $needs_data = 1 ] && [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
   t0=$(date +%s)
   python3 data/build_shards.py --input "$CORPUS"/enwiki_0*.jsonl.xz --val-tokens 2000000 --out "$DATA" \
     > "$RUNS/build_shards.out" 2>&1 || { note "build_shards failed: see $RUNS/build_shards.out"; tail -5 "$RUNS/build_shards.out"; exit 1; }

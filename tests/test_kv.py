@@ -579,7 +579,7 @@ def test_compare_revs_puts_each_versions_figures_beside_the_first(tmp_path):
 def test_device_run_skips_stages_past_its_deadline(tmp_path):
     """benchmarks/device_run.sh keeps its call within the device's limit: a stage runs while time is left, one with
     under 20 s left before the deadline is skipped, noted and fails the call, and REVS versions run by the
-    caller's deadline (their own scripts, staged)."""
+    caller's deadline (their own scripts, staged). A stage that reads no shards runs where none can be built."""
     import os
     import shutil
     import subprocess
@@ -612,6 +612,8 @@ def test_device_run_skips_stages_past_its_deadline(tmp_path):
     assert rc == 1 and "a: == artifact skipped" in summary, summary
     rc, summary = call("revs_in_time", CALL_SECONDS="300", REVS="a")
     assert rc == 0 and "a: == artifact rc=0" in summary, summary
+    rc, summary = call("no_shards", CALL_SECONDS="300", DATA=str(tmp_path / "none"))  # no corpus either: none built
+    assert rc == 0 and "== artifact rc=0" in summary and "build_shards" not in summary, summary
 
 
 def test_kv_sensitivity_roundtrip_cache_is_tq4(monkeypatch):
