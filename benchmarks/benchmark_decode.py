@@ -87,8 +87,7 @@ def ring_deltas(args, model, val, luts, backends: list[str], n_tokens: int, devi
     exact = None
     for backend in [kv.exact_backend(device), *backends]:
         r = kv.autoregressive_eval(args.ar_eval_settings(), model, plan, luts, backend, device, print)
-        if exact is None:
-            exact = r
+        exact = exact or r
         r["delta_vs_exact"] = r["val_bpb"] - exact["val_bpb"]
         print(f"ring {r['backend']:<20} val_bpb {r['val_bpb']:.6f}  delta_vs_exact {r['delta_vs_exact']:+.6f}  "
               f"bytes/token {r['bytes_per_token']} ({r['bytes_per_token'] / exact['bytes_per_token']:.3f}x bf16)  "
@@ -165,8 +164,7 @@ def main() -> None:
     else:
         rows = throughput(args, model, val, luts, a.backends.split(","), [int(b) for b in a.batches.split(",")],
                           a.batch1_windows, a.steps, device)
-    for row in rows:
-        out.add(row)
+    out.extend(rows)
 
 
 if __name__ == "__main__":

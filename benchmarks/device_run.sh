@@ -46,14 +46,13 @@ if [ -z "${REV:-}" ]; then  # a version run by REVS: its caller wrote the header
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
 fi
-needs_data=0  # kv, sweep and gpu_tests read no shards: they run from a tree without the corpus too
-for stage in ${STAGES:-}; do case $stage in standin:*|decode|profile|ring|isolation) needs_data=1 ;; esac; done
-if [ $needs_data = 1 ] && [ ! -f "$DATA/fineweb_val_000000.bin" ]; then
-  t0=$(date +%s)
+shards() {  # the stand-in's shards, built by the first stage that reads them (kv, sweep and gpu_tests read none)
+  [ -f "$DATA/fineweb_val_000000.bin" ] && return
+  local t0=$(date +%s)
   python3 data/build_shards.py --input "$CORPUS"/enwiki_0*.jsonl.xz --val-tokens 2000000 --out "$DATA" \
     > "$RUNS/build_shards.out" 2>&1 || { note "build_shards failed: see $RUNS/build_shards.out"; tail -5 "$RUNS/build_shards.out"; exit 1; }
   note "shards built in $(( $(date +%s) - t0 )) s: $(ls "$DATA" | wc -l) files"
-fi
+}
 if [ -n "${REVS:-}" ]; then
   for rev in $REVS; do
     [ -f "$ROOT/.device/rev/$rev/benchmarks/device_run.sh" ] || {
@@ -82,6 +81,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
   fi
   case $stage in
     standin:*)
+      shards
       timeout $(budget ${RUN_TIMEOUT:-560}) python3 benchmarks/standin_protocol.py --config "${stage#standin:}" --corpus "$CORPUS" \
         --data "$DATA" --code-dir "${CODE_DIR:-$ROOT}" --out-dir "$RUNS" --results "$OUT/standin_results.md" \
         ${COMMIT:+--commit $COMMIT} ${SET:+--set $SET} ${TRAIN_SECONDS:+--seconds $TRAIN_SECONDS} \
@@ -92,6 +92,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         "$log" | tee -a "$OUT/summary.txt"
       cp "$log" "$OUT/" ;;
     decode)
+      shards
       art=${ART:-$(last_artifact)}
       [ -n "$art" ] || note "decode: no artifact in $RUNS and no ART: a randomly initialized model (throughput only)"
       timeout $(budget ${DECODE_TIMEOUT:-300}) python3 benchmarks/benchmark_decode.py ${art:+--artifact $art} --data-path "$DATA" \
@@ -99,6 +100,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         --out "$RUNS/decode_bench.json" 2>&1 | grep -E "batch|Error" | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     profile)
+      shards
       art=${ART:-$(last_artifact)}
       rc=0
       for backend in $(echo "${DECODE_BACKENDS:-int8_triton,tq4_triton}" | tr , ' '); do
@@ -108,6 +110,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     ring)
+      shards
       art=${ART:-$(last_artifact)}
       timeout $(budget ${RING_TIMEOUT:-300}) python3 benchmarks/benchmark_decode.py --artifact "$art" --data-path "$DATA" \
         --backends ${RING_BACKENDS:-int8_triton,tq4_triton,qjl_triton,qjl_recentk_triton} \
@@ -125,6 +128,7 @@ for stage in ${STAGES:?set STAGES, e.g. standin:polar43334 decode}; do
         | tee -a "$OUT/summary.txt"
       rc=${PIPESTATUS[0]} ;;
     isolation)
+      shards
       (cd /tmp && timeout $(budget 120) python3 "$ROOT/artifact_isolation_check.py" "${ART:-$(last_artifact)}" --data-path "$DATA" \
         --tokenizer "$TOKENIZER" --steps 1024 --out "$RUNS/isolation.json" 2>&1 | tail -25 | tee -a "$OUT/summary.txt")
       rc=${PIPESTATUS[0]} ;;

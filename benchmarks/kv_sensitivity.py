@@ -112,9 +112,8 @@ def main() -> None:
     recent = [int(r) for r in a.recent.split(",") if r]
     if any(r < 1 for r in recent):
         p.error(f"--recent takes ring sizes of at least 1, not {a.recent}")
-    out = RowsFile(a.out)
-    for row in ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer, recent), a.tokens, device):
-        out.add(row)
+    RowsFile(a.out).extend(ring_deltas(args, model, val, luts, variants(args.num_layers, per_layer, recent), a.tokens,
+                                       device))
 
 
 if __name__ == "__main__":

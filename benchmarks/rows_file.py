@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -20,3 +21,8 @@ class RowsFile:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.rows if self.header is None else {**self.header, "rows": self.rows}, indent=2))
         os.replace(tmp, self.path)
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        """The rows of a generator that measures them, each written as it comes."""
+        for row in rows:
+            self.add(row)

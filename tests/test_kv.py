@@ -62,7 +62,7 @@ def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
 def test_triton_attend_matches_reference(name, regime, lengths, g, d):
     ref = filled(kv.TORCH_REFERENCE[name], lengths, 2, g, d, cap=160)
     fast = kv.make_kv_cache(name, len(lengths), 2, 2 * g, 160, d, DEVICE, torch.float32, CFG)
-    fast.settings = fast.launch[regime]
+    fast.relaunch(fast.launch[regime])
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
     fast.lengths.copy_(ref.lengths)
@@ -94,7 +94,7 @@ def test_triton_write_matches_reference(name, d, value_bits, write_group):
     cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=value_bits, seed=1)
     ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
     fast = kv.make_kv_cache(name, 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
-    fast.write_settings = (write_group, 2)  # KV heads a program, warps
+    fast.relaunch(write_settings=(write_group, 2))  # KV heads a program, warps
     for t in range(45):  # past capacity: the ring wraps
         k, v, pos = torch.randn(3, 2, d) * 3, torch.randn(3, 2, d), torch.tensor([t, t + 3, 2 * t])
         ref.append(k, v, pos)
@@ -109,7 +109,7 @@ def test_triton_write_matches_reference(name, d, value_bits, write_group):
 
 def test_write_settings_must_divide_the_kv_heads():
     cache = kv.make_kv_cache("int8_triton", 1, 4, 8, 16, 64, DEVICE, torch.float32, CFG)
-    cache.write_settings = (3, 2)
+    cache.relaunch(write_settings=(3, 2))
     with pytest.raises(ValueError, match="3 KV heads a program do not divide the cache's 4"):
         cache.append(torch.randn(1, 4, 64), torch.randn(1, 4, 64), torch.tensor([0]))
 
@@ -415,7 +415,7 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     hkv, b, cap = max(2, write_group), 3, 24
     ref = filled(kv.TORCH_REFERENCE[name], [5, 9, 3], hkv, g, d, cap)
     fast = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, DEVICE, torch.float32, CFG)
-    fast.write_settings = (write_group, 2)  # KV heads a program, warps
+    fast.relaunch(write_settings=(write_group, 2))  # KV heads a program, warps
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
     fast.lengths.copy_(ref.lengths)
@@ -517,7 +517,7 @@ def test_kv_bench_rows_per_backend_and_shape(monkeypatch, tmp_path, capsys):
 
 
 def test_rows_file_keeps_what_a_cut_run_measured(monkeypatch, tmp_path):
-    """benchmarks/rows_file.py: the file holds every row added so far, whole, when the run fails after some; a header
+    """benchmarks/rows_file.py: the file holds every row measured so far, whole, when the run fails after some; a header
     goes beside the rows; a new run's file starts empty (no stale rows of an earlier run)."""
     import json
 
@@ -533,8 +533,7 @@ def test_rows_file_keeps_what_a_cut_run_measured(monkeypatch, tmp_path):
     out = rows_file.RowsFile(path)
     assert json.loads(path.read_text()) == []
     with pytest.raises(TimeoutError):
-        for row in measured():
-            out.add(row)
+        out.extend(measured())
     assert json.loads(path.read_text()) == [{"backend": "int8_triton", "us": 1.0}, {"backend": "tq4_triton", "us": 2.0}]
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
     with_header = rows_file.RowsFile(path, {"copy_bandwidth_GB_s": 4176.0})
