@@ -704,7 +704,7 @@ if triton is not None:
                          kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr,
                          vq_ptr, vs_ptr, sketch_ptr, rot_signs_ptr, hadamard_ptr, codebook_ptr,
                          row_stride, CAP, eps, PROLOGUE: tl.constexpr, HQ: tl.constexpr, H: tl.constexpr,
-                         HG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, KEY: tl.constexpr,
+                         HG: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, KEY: tl.constexpr,
                          VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
                          RECENT: tl.constexpr, RECENT_VALUES: tl.constexpr):
         """Program (row, group of HG KV heads): code the row's new K and V of those heads, write them at slot
@@ -728,6 +728,7 @@ if triton is not None:
         V0: tl.constexpr = K0 + BLOCK_K
         KEY_ROTATES: tl.constexpr = (KEY == "tq4") | (KEY == "qjl")
         tl.static_assert(KEY_ROTATES | (VALUE != "tq4"), "tq4 values rotate with the keys: their codec must rotate")
+        BLOCK_R: tl.constexpr = 16 if KEY_ROTATES and ROWS < 16 else ROWS  # a tensor-core dot over them needs 16 rows
         rows, offs = tl.arange(0, BLOCK_R), tl.arange(0, D)
         is_query = rows < NQ
         in_keys = (rows >= K0) & (rows < K0 + HG)
@@ -1262,14 +1263,13 @@ class TritonAttendMixin:
         group = self.heads_per_write
         query_rows, block_k = group * self.q_heads // self.heads if q is not None else 0, triton.next_power_of_2(group)
         rows = -(-query_rows // block_k) * block_k + 2 * block_k  # keys and values at multiples of block_k (_rows)
-        dots = self.key_codec in ("qjl", "tq4")  # a tensor-core dot over the tile's rows needs 16 of them
         t = self.tables()
         _kv_write_kernel[(self.batch, self.heads // group)](
             x, v, query_tensor(x if q is None else q), positions, positions.stride(0), self.lengths,
             x if inv_freq is None else inv_freq, x if q_gain is None else q_gain, *self.kernel_codes(), t.sketch,
             t.rot_signs, t.hadamard, t.codebook,
             x.stride(0), self.capacity, torch.finfo(torch.float32).eps, PROLOGUE=q is not None, HQ=self.q_heads,
-            H=self.heads, HG=group, BLOCK_R=max(16 if dots else 1, triton.next_power_of_2(rows)), BLOCK_K=block_k,
+            H=self.heads, HG=group, ROWS=triton.next_power_of_2(rows), BLOCK_K=block_k,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size, M=self.cfg.qjl_dim,
             RECENT=self.recent, RECENT_VALUES=self.recent_values, num_warps=self.write_warps)
 
