@@ -51,7 +51,8 @@ def tiny_env(data_path: Path, out_dir: Path, **overrides) -> dict:
                NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64",
                TRAIN_BATCH_TOKENS="1024", ITERATIONS="4", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", WARMDOWN_ITERS="0",
                VAL_MAX_TOKENS="2048", TRAIN_LOG_EVERY="1", KV_QUANT_BACKEND="int8", KV_EVAL_MAX_TOKENS="256",
-               KV_EVAL_BATCH="4", MAX_WALLCLOCK_SECONDS="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+               KV_EVAL_BATCH="4", MAX_WALLCLOCK_SECONDS="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")  # CPU runs on any machine: on a GPU one, 2 ranks would want 2 GPUs and NCCL
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
