@@ -1411,10 +1411,10 @@ def main() -> None:
     tokens_per_s = step * args.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
     if stop_at is not None and stop_at < args.iterations:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{args.iterations}")
-    neg_fewest, most = ranks_max(d, -step, step)
-    if -neg_fewest != most:
-        raise RuntimeError(f"ranks stopped at different steps ({-neg_fewest} to {most}): their weights differ")
-    log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{-neg_fewest == most} "
+    fewest, most = map(abs, ranks_max(d, -step, step))  # the max of -step is -(fewest steps), and steps are >= 0
+    if fewest != most:
+        raise RuntimeError(f"ranks stopped at different steps ({fewest} to {most}): their weights differ")
+    log(f"train_summary steps:{step} ranks:{d.world_size} steps_on_every_rank:{fewest == most} "
         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
         f"tokens_per_s:{tokens_per_s:.0f} peak_memory_allocated:{kv.peak_mem_mib(d.device):.0f}MiB")
     pre_loss, pre_bpb = vl, vb

@@ -759,14 +759,14 @@ if triton is not None:
             rotated = _rotate(x, signs, hadamard)
             x = rotated if VALUE == "tq4" else tl.where(is_value[:, None], x, rotated)
         if KEY == "qjl":  # on the whole tile: the sketch is a tensor-core dot
-            entry = (b * H + k_head) * CAP + slot
-            residual = x - _store_tq4(x, kq_ptr, ks_ptr, codebook_ptr, entry, is_key)
+            tile_entry = (b * H + k_head) * CAP + slot
+            residual = x - _store_tq4(x, kq_ptr, ks_ptr, codebook_ptr, tile_entry, is_key)
             sx = _sketch(residual, sketch_ptr, M)
             bits = tl.reshape((sx >= 0).to(tl.int32), (BLOCK_R, M // 8, 8)) << tl.arange(0, 8)[None, None, :]
             offs_b = tl.arange(0, M // 8)
-            tl.store(kbits_ptr + entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
+            tl.store(kbits_ptr + tile_entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
-            tl.store(krnorm_ptr + entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
+            tl.store(krnorm_ptr + tile_entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
         head = tl.arange(0, BLOCK_K)  # the group's KV heads, a row each in the tiles of its keys and its values
         live = (head < HG) & (head * 0 + pos >= 0)
         entry = (b * H + h0 + head) * CAP + slot
