@@ -1147,6 +1147,14 @@ def split_plan(batch: int, heads: int, capacity: int, block_n: int, programs_per
     return splits, -(-chunk // block_n) * block_n
 
 
+def programs_an_sm(registers: int, shared: int, warps: int) -> int:
+    """The programs of a kernel build one Hopper SM (sm_90: H100, H200) runs at once: 65,536 registers (a warp takes
+    its threads' registers rounded up to 8 each), 228 KiB of shared memory (1 KiB more a program), 32 programs, 64
+    warps."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, 233472 // (shared + 1024), 32, 64 // warps)
+
+
 # Attention launch settings: (block_n, num_warps, num_stages, programs per SM, register cap or None).
 Launch = tuple[int, int, int, int, int | None]
 # KV write launch settings: (KV heads a program, num_warps).
@@ -1206,6 +1214,7 @@ class TritonAttendMixin:
     settings: Launch | None = None
     write_settings: WriteLaunch | None = None
     bandwidth_write_warps = 2  # QJL prologue, batch 512: 8.3 against 11.9 us in 4
+    build = None  # the attention kernel as the last attend compiled it for the GPU (the interpreter compiles none)
 
     def codes(self) -> KernelCodes:
         raise NotImplementedError
@@ -1288,7 +1297,7 @@ class TritonAttendMixin:
         g = self.q_heads // self.heads
         out = torch.empty(self.batch, self.q_heads, self.head_dim, device=self.device, dtype=self.dtype)
         t = self.tables()
-        _attend_kernel[(self.batch, self.heads, self.splits)](
+        self.build = _attend_kernel[(self.batch, self.heads, self.splits)](
             query_tensor(q), *self.kernel_codes(), t.sketch, t.sign_table, t.decoder_tables, self.lengths,
             self.mid_o, self.mid_lse, self.split_count, out, self.heads, self.capacity, self.chunk, self.sm_scale, G=g,
             KEY=self.key_codec, VALUE=self.value_codec, D=self.head_dim, GROUP=self.cfg.group_size,
@@ -1297,6 +1306,15 @@ class TritonAttendMixin:
             BLOCK_N=self.block_n, NSPLIT=self.splits, num_warps=self.num_warps, num_stages=self.num_stages,
             maxnreg=self.max_registers)
         return out
+
+    def build_report(self) -> dict[str, int] | None:
+        """The last attend's kernel as compiled for the GPU: a thread's registers and spills, a program's shared
+        memory, and the programs an SM runs at once; None before a GPU build."""
+        if self.build is None:
+            return None
+        registers, shared = self.build.n_regs, self.build.metadata.shared
+        return {"registers": registers, "spills": self.build.n_spills, "shared_bytes": shared,
+                "programs_an_sm": programs_an_sm(registers, shared, self.num_warps)}
 
 
 def query_tensor(q: Tensor | RotatedQuery) -> Tensor:

@@ -106,13 +106,6 @@ class Build(NamedTuple):
     shared: int  # bytes a program
 
 
-def programs_an_sm_holds(build: Build, warps: int) -> int:
-    """The programs of this build an H100/H200 SM runs at once: 65,536 registers (a warp takes its threads'
-    registers rounded up to 8 each), 228 KiB of shared memory (1 KiB more a program), 32 programs, 64 warps."""
-    by_registers = 65536 // (-(-build.registers // 8) * 8 * 32 * warps)
-    return min(by_registers, 233472 // (build.shared + 1024), 32, 64 // warps)
-
-
 def compile_sm90(fn, args, kwargs) -> Build:
     """The kernel built for sm_90 as the JIT would specialize these arguments: its SASS, registers and shared memory."""
     import triton
@@ -200,7 +193,8 @@ def main() -> None:
                    "(REGS a register cap or None), or with --write HEADS/WARPS")
     a = p.parse_args()
     settings, call = parse_settings(a.settings, a.write), write_call if a.write else attend_call
-    versions = [("tree", load_kv_ops(None))] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
+    tree = load_kv_ops(None)
+    versions = [("tree", tree)] + ([(a.rev, load_kv_ops(a.rev))] if a.rev else [])
     for name in a.backends.split(","):
         for label, kv in versions:
             fn, args, kwargs = call(kv, name, a.regime, a.group, a.head_dim, a.capacity, settings)
@@ -213,8 +207,9 @@ def main() -> None:
                 continue
             launch = "/".join(str(kwargs.get(k)) for k in ("BLOCK_N", *LAUNCH_OPTIONS))
             per_entry = total * 32 * warps / kwargs["BLOCK_N"]  # comparable across launch settings
+            held = tree.programs_an_sm(build.registers, build.shared, warps)
             print(f"{name:<20} {label:<8} {a.regime} block/warps/stages/regs {launch}: {build.registers} registers, "
-                  f"{build.shared} B shared, {programs_an_sm_holds(build, warps)} programs an SM; "
+                  f"{build.shared} B shared, {held} programs an SM; "
                   f"{total} instructions per thread per loop iteration ({per_entry:.0f} per cached entry)  {top}",
                   flush=True)
 

@@ -113,6 +113,14 @@ def fastest(rows: list[dict], field: str, default, n: int) -> list[tuple[dict, s
     return [(r, "default" if r[field] == default else "") for r in picked]
 
 
+def built(report: dict | None) -> str:
+    """A build report (TritonAttendMixin.build_report) as the sweep prints it."""
+    if report is None:
+        return "(no GPU build)"
+    return (f"{report['registers']} registers, {report['spills']} spills, {report['programs_an_sm']} programs an "
+            "SM")
+
+
 def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
     """The write kernel's launch settings on `cache`: each timed on the prologue, its query checked against ref's."""
     args = write_args(cache, a)
@@ -158,13 +166,14 @@ def sweep(a, cfg: kv.KVConfig) -> None:
                     continue
                 shape_rows.append({"backend": name, "context": ctx, "batch": b, "settings": settings,
                                    "splits": cache.splits, "us": us, "GB_s": moved / us / 1e3,
-                                   "max_abs_err_vs_torch": float((got - want).abs().max())})
+                                   "max_abs_err_vs_torch": float((got - want).abs().max()),
+                                   "build": cache.build_report()})
                 out.add(shape_rows[-1])
             print(f"{name} ctx {ctx} B {b}: fastest of {len(shape_rows)} (block_n/warps/stages/programs per SM/register "
                   "cap -> splits)")
             for r, tag in fastest(shape_rows, "settings", default, 5):
                 print(f"  {'/'.join(map(str, r['settings'])):>12} -> {r['splits']:>3}  {r['us']:9.1f} us  "
-                      f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {tag}")
+                      f"{r['GB_s']:7.0f} GB/s  max|err| {r['max_abs_err_vs_torch']:.2e}  {built(r['build'])}  {tag}")
             out.add(*sweep_write(name, cache, ref, a))
 
 
@@ -212,7 +221,8 @@ def main() -> None:
                 r = {"backend": name, "context": ctx, "batch": b, "us_per_attend": us, "GB_s": moved / ms / 1e6,
                      "frac_of_copy_bw": moved / ms / 1e6 / bw, "bytes_per_token": cache.bytes_per_token(),
                      "peak_over_baseline_mib": peak / 2**20, "cache_mib": (held - base) / 2**20,
-                     "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None, "us_per_write": write_us}
+                     "speedup_vs_torch": ref_us[ref] / us if ref in ref_us else None, "us_per_write": write_us,
+                     "build": cache.build_report() if name in TRITON_NAMES else None}
                 out.add(r)
                 sp = f"{r['speedup_vs_torch']:.1f}" if r["speedup_vs_torch"] else "-"
                 print(f"{name:<12}{ctx:>7}{b:>5}{us:>10.1f}{r['GB_s']:>9.0f}{100 * r['frac_of_copy_bw']:>6.1f}"

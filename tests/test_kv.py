@@ -74,6 +74,30 @@ def test_triton_attend_matches_reference(name, regime, lengths, g, d):
     assert torch.all(got[empty] == 0)
 
 
+@pytest.mark.parametrize("registers, shared, warps, want", [
+    (154, 12544, 1, 12),  # tq4's bandwidth launch (triton 3.6's sm_90 build): 154 registers take 160 a thread
+    (124, 19456, 4, 4),  # tq4's latency launch: four warps of 128 registers a thread
+    (158, 26624, 1, 8),  # int8's bandwidth launch: shared memory binds, 8 x 27,648 B of 228 KiB
+    (32, 0, 1, 32)])  # the SM's 32 programs bind
+def test_programs_an_sm_within_hoppers_limits(registers, shared, warps, want):
+    assert kv.programs_an_sm(registers, shared, warps) == want
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads the attention kernel's GPU build")
+@pytest.mark.parametrize("name", TRITON_BACKENDS)
+@pytest.mark.parametrize("regime", ["latency", "bandwidth"])
+def test_declared_launches_build_without_spills(name, regime):
+    """Each backend's declared launch, at the model's shape (head_dim 64, 2 query heads a KV head, bf16), compiles
+    with no register spilled to local memory and within its register cap: a kernel change that spills shows here,
+    not only as a slower sweep."""
+    batch = 64 if regime == "bandwidth" else 1
+    cache = kv.make_kv_cache(name, batch, 4, 8, 1024, 64, DEVICE, torch.bfloat16, kv.KVConfig())
+    cache.relaunch(cache.launch[regime])
+    cache.attend(cache.as_query(torch.randn(batch, 8, 64, dtype=torch.bfloat16)))
+    report, cap = cache.build_report(), cache.launch[regime][4]
+    assert report["spills"] == 0 and report["registers"] <= (cap or 255), report
+
+
 def test_qjl_triton_with_int8_values_attends_as_its_reference():
     """QJL keys beside int8 values (VALUE_BITS=8): the values take the int8 decoder inside the QJL kernel."""
     cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=8, seed=2)
@@ -485,6 +509,7 @@ def test_sweep_runs_every_shape_and_keeps_its_rows(monkeypatch, tmp_path):
         (64, 2, True), (64, 2, False), (64, 2, False), (64, 2, False), (32, 1, True), (32, 1, False), (32, 1, False),
         (32, 1, False)]
     assert max(r["max_abs_err_vs_torch"] for r in rows) < 1e-4
+    assert all((r["build"] is None) == (DEVICE == "cpu") for r in rows if "settings" in r)  # the GPU's build, if any
 
 
 def test_kv_bench_rows_per_backend_and_shape(monkeypatch, tmp_path, capsys):
@@ -512,6 +537,7 @@ def test_kv_bench_rows_per_backend_and_shape(monkeypatch, tmp_path, capsys):
     assert [(r["us_per_attend"], r["us_per_write"]) for r in rows] == [(1.0, 2.0), (3.0, 4.0), (5.0, 6.0), (7.0, 8.0)]
     assert [r["speedup_vs_torch"] for r in rows] == [None, 1 / 3, None, 5 / 7]
     assert rows[0]["bytes_per_token"] == rows[1]["bytes_per_token"]
+    assert [r["build"] is None for r in rows] == [True, DEVICE == "cpu"] * 2  # a Triton backend's GPU build, if any
     last = capsys.readouterr().out.splitlines()[-1].split()  # each row printed as it is measured
     assert last[:4] == ["int8_triton", "48", "2", "7.0"] and last[-1] == "8.0"
 
