@@ -117,8 +117,8 @@ def built(report: dict | None) -> str:
     """A build report (TritonAttendMixin.build_report) as the sweep prints it."""
     if report is None:
         return "(no GPU build)"
-    return (f"{report['registers']} registers, {report['spills']} spills, {report['programs_an_sm']} programs an "
-            "SM")
+    return (f"{report['registers']} registers, {report['spills']} spills, "
+            f"{report['programs_an_sm']} programs an SM")
 
 
 def sweep_write(name: str, cache: kv.KVCache, ref: kv.KVCache, a) -> list[dict]:
