@@ -1432,6 +1432,22 @@ def backend_problem(name: str, device) -> str | None:
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (f"its Triton kernels need a CUDA GPU and this machine has none; use {ref} (its torch reference), "
                 f"or set TRITON_INTERPRET=1 to run the kernels in the Triton interpreter (slow)")
+    return interpreter_problem()
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter (TRITON_INTERPRET=1) cannot run the kernels here, or None (it can, or it is off):
+    before Triton 3.7 it takes a loop's runtime bounds by int() of a one-element array, which NumPy refuses from
+    2.4 on (Triton 3.6 fails 75 of tests/test_kv.py's tests with NumPy 2.4.6, and passes them all with 2.3.5)."""
+    if triton is None or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy  # the interpreter's arrays
+
+    release = lambda version: tuple(int(part) for part in version.split(".")[:2])  # noqa: E731
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} (it takes "
+                f"loop bounds by int() of a one-element array, which NumPy 2.4 refuses); upgrade triton to 3.7 or "
+                f"later, or install numpy<2.4")
     return None
 
 

@@ -12,6 +12,15 @@ TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SAMPLE = ROOT / "data" / "sample"
 
 
+def pytest_configure(config):
+    """An interpreter that cannot run the kernels stops the suite at once, with the fix, not in each kernel's test."""
+    import triton_kv_ops
+
+    problem = triton_kv_ops.interpreter_problem()
+    if problem:
+        raise pytest.UsageError(f"TRITON_INTERPRET=1: {problem}")
+
+
 @pytest.fixture(autouse=True)
 def seeded_rngs():
     """Every test draws from freshly seeded generators: its inputs never depend on which tests ran before it."""

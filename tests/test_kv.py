@@ -359,6 +359,28 @@ def test_unknown_backend_lists_the_valid_ones():
         kv.make_kv_cache("fp4", 1, 1, 1, 8, 64, DEVICE, torch.float32)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.10.1", "2.5.0rc1", False),
+    ("2.3.1", "2.4.0", True)])
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_with_the_fix(monkeypatch, triton_version,
+                                                                          numpy_version, refused):
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kv.interpreter_problem() is None  # compiled kernels: NumPy plays no part
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    problem = kv.interpreter_problem()
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
+        assert "upgrade triton to 3.7 or later, or install numpy<2.4" in problem
+        with pytest.raises(RuntimeError, match=f"KV backend int8_triton: the Triton {triton_version} interpreter"):
+            kv.make_kv_cache("int8_triton", 1, 1, 1, 8, 64, "cpu", torch.float32)
+
+
 def test_every_triton_backend_declares_its_codecs_and_launches():
     for cls in kv.TRITON_BACKENDS:
         cache = cls(2, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
