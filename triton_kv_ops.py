@@ -1435,6 +1435,11 @@ def backend_problem(name: str, device) -> str | None:
     return interpreter_problem()
 
 
+def release(version: str) -> tuple[int, ...]:
+    """A package's version as its (major, minor) numbers, to compare: "3.10.1" -> (3, 10), "2.5.0rc1" -> (2, 5)."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def interpreter_problem() -> str | None:
     """Why the Triton interpreter (TRITON_INTERPRET=1) cannot run the kernels here, or None (it can, or it is off):
     before Triton 3.7 it takes a loop's runtime bounds by int() of a one-element array, which NumPy refuses from
@@ -1443,7 +1448,6 @@ def interpreter_problem() -> str | None:
         return None
     import numpy  # the interpreter's arrays
 
-    release = lambda version: tuple(int(part) for part in version.split(".")[:2])  # noqa: E731
     if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
         return (f"the Triton {triton.__version__} interpreter cannot run with NumPy {numpy.__version__} (it takes "
                 f"loop bounds by int() of a one-element array, which NumPy 2.4 refuses); upgrade triton to 3.7 or "
