@@ -38,7 +38,8 @@ Adding a backend:
      in _key_scores or _value_halves (reading); a codec the kernels do not know fails to compile;
   3. its Triton class: TritonAttendMixin over the reference, with `name`, `key_codec`,
      `value_codec`, `launch` (per regime, from benchmark_kv_backends.py --sweep) and `codes()`
-     (plus `tables()`; RotatedAttendMixin for keys scored in a rotated basis), listed in TRITON_BACKENDS.
+     (plus `tables()`; RotatedAttendMixin for keys scored in a rotated basis; `capacity_multiple`
+     where its kernels read whole tiles of entries), listed in TRITON_BACKENDS.
 The registry, the env validation, the tests and the benchmarks' lists derive from those tuples.
 """
 
@@ -191,6 +192,7 @@ class KVCache:
     """Base: buffers, lengths and a masked softmax over the whole buffer (O(capacity), the reference)."""
 
     recent, recent_values = 0, False  # entries kept exact besides the codes (RecentExactMixin)
+    capacity_multiple = 1  # what the capacity must be a multiple of (its kernels read whole tiles of entries)
     # The orthogonal (D, D) basis attend_in_basis leaves its output in (out @ output_basis); None: out as it is.
     output_basis: Tensor | None = None
 
@@ -198,6 +200,9 @@ class KVCache:
                  device, dtype: torch.dtype, cfg: KVConfig = KVConfig(), layer: int = 0):
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads do not split over {num_kv_heads} KV heads")
+        if capacity % self.capacity_multiple:
+            raise ValueError(f"KV backend {self.name} reads its cache in tiles of {self.capacity_multiple} entries: a "
+                             f"capacity of {capacity} is not a multiple of {self.capacity_multiple}; round it up")
         self.batch, self.heads, self.q_heads, self.capacity, self.head_dim = batch, num_kv_heads, num_q_heads, capacity, head_dim
         self.device, self.dtype, self.cfg, self.layer = torch.device(device), dtype, cfg, layer
         self.sm_scale = head_dim ** -0.5
@@ -205,10 +210,11 @@ class KVCache:
         self.buffers: dict[str, Tensor] = {}
         self.allocate()
 
-    def buffer(self, name: str, *trailing: int, dtype: torch.dtype) -> Tensor:
-        """A zeroed (B, Hkv, capacity, *trailing) buffer whose storage runs on to a whole 4-byte word: the kernels
-        read per-entry fp16 values as the int32 words that hold them (_entry_fp16)."""
-        shape = (self.batch, self.heads, self.capacity, *trailing)
+    def buffer(self, name: str, *trailing: int, dtype: torch.dtype, entries: bool = True) -> Tensor:
+        """A zeroed (B, Hkv, capacity, *trailing) buffer (without `entries`: (B, Hkv, *trailing)) whose storage runs on
+        to a whole 4-byte word: the kernels read per-entry fp16 values as the int32 words that hold them
+        (_entry_fp16)."""
+        shape = (self.batch, self.heads, *((self.capacity,) if entries else ()), *trailing)
         n, size = math.prod(shape), dtype.itemsize
         t = torch.zeros(-(-n * size // 4) * 4 // size, dtype=dtype, device=self.device)[:n].view(shape)
         self.buffers[name] = t
@@ -422,6 +428,22 @@ class TurboQuantMSE:
         return self.centroids[tq4_unpack(codes)] * scale.float()[..., None]
 
 
+TQ4_VALUE_TILE = 64  # tq4 values' entries a tile
+
+
+def tq4_tile_bytes(entries: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """Where tq4 value codes sit in their tile of TQ4_VALUE_TILE entries (channel-major, for the attention's dot):
+    for entries (E,) of a tile, the byte of each channel's code (E, D) among the tile's 32 D bytes, and the nibble's
+    shift (E, 1). A tile holds each channel's codes in 8 int32 words, even channels first; word w holds entries 2w and
+    2w + 1 of each of the tile's 4 groups of 16, entry 16 g + 2 w + k at nibble n(2 g + k), where n swaps bits 0 and
+    1: the order of the decoder's outputs (TQ4_DECODE_PTX)."""
+    order = 2 * (entries // 16) + entries % 2
+    nibble = (order & 4) | ((order & 1) << 1) | ((order >> 1) & 1)
+    channel = torch.arange(head_dim, device=entries.device)
+    row = channel % 2 * (head_dim // 2) + channel // 2
+    return 32 * row[None, :] + (entries % 16 // 2 * 4 + nibble // 2)[:, None], 4 * (nibble % 2)[:, None]
+
+
 def tq4_unpack(codes: Tensor) -> Tensor:
     """Packed tq4 codes (..., D // 2) uint8 -> a code per channel (..., D) int64; channel 2i: byte i's low nibble."""
     return torch.stack(((codes & 15).long(), (codes >> 4).long()), -1).reshape(*codes.shape[:-1], -1)
@@ -498,27 +520,44 @@ class RecentExactMixin:
 
 class TurboQuantCache(KVCache):
     """Keys and values coded by TurboQuantMSE (4 bits a coordinate); scores are taken in the rotated basis (the
-    query rotated once), and values decode there and rotate back."""
+    query rotated once), and values decode there and rotate back. Keys are stored a row per entry, values in tiles of
+    TQ4_VALUE_TILE entries (tq4_tile_bytes; the last tile padded out)."""
 
     def allocate(self):
         self.mse = TurboQuantMSE.for_cache(self)
         self.extra_bytes = self.mse.nbytes
-        for name in ("k", "v"):
-            self.buffer(f"{name}_codes", self.head_dim // 2, dtype=torch.uint8)
-            self.buffer(f"{name}_scale", dtype=torch.float16)
+        self.buffer("k_codes", self.head_dim // 2, dtype=torch.uint8)
+        self.buffer("k_scale", dtype=torch.float16)
+        tiles = -(-self.capacity // TQ4_VALUE_TILE)
+        self.buffer("v_codes", tiles, TQ4_VALUE_TILE * self.head_dim // 2, dtype=torch.uint8, entries=False)
+        self.buffer("v_scale", dtype=torch.float16)
 
     def write(self, k, v, slots, active):
-        for name, x in (("k", k), ("v", v)):
-            codes, scale = self.mse.encode(x)
-            self.store(f"{name}_codes", slots, active, codes)
-            self.store(f"{name}_scale", slots, active, scale)
+        codes, scale = self.mse.encode(k)
+        self.store("k_codes", slots, active, codes)
+        self.store("k_scale", slots, active, scale)
+        codes, scale = self.mse.encode(v)
+        byte, shift = tq4_tile_bytes(slots % TQ4_VALUE_TILE, self.head_dim)  # (B, D), (B, 1)
+        rows, heads = torch.arange(self.batch, device=self.device), torch.arange(self.heads, device=self.device)
+        at = (rows[:, None, None], heads[None, :, None], (slots // TQ4_VALUE_TILE)[:, None, None], byte[:, None, :])
+        old, shift = self.v_codes[at].long(), shift[:, None]  # (B, Hkv, D): the byte of each code
+        merged = (old & ~(15 << shift)) | (tq4_unpack(codes) << shift)
+        self.v_codes[at] = torch.where(active[:, None, None], merged, old).to(torch.uint8)
+        self.store("v_scale", slots, active, scale)
+
+    def value_codes(self) -> Tensor:
+        """The values' codes, one per channel (B, Hkv, capacity, D) int64, out of their tiles."""
+        byte, shift = tq4_tile_bytes(torch.arange(TQ4_VALUE_TILE, device=self.device), self.head_dim)
+        c = (self.v_codes[:, :, :, byte].long() >> shift) & 15  # (B, Hkv, tiles, TQ4_VALUE_TILE, D)
+        return c.flatten(2, 3)[:, :, :self.capacity]
 
     def scores(self, q):
         keys = self.mse.decode_rotated(self.k_codes, self.k_scale)
         return torch.einsum("bhgd,bhnd->bhgn", q @ self.mse.rotation, keys)
 
     def values(self):
-        return self.mse.decode_rotated(self.v_codes, self.v_scale) @ self.mse.rotation.T
+        decoded = self.mse.centroids[self.value_codes()] * self.v_scale.float()[..., None]
+        return decoded @ self.mse.rotation.T
 
     def bytes_per_token(self):
         return 2 * self.heads * (self.head_dim // 2 + 2)
@@ -601,6 +640,8 @@ class QJLRecentKCache(RecentExactMixin, QJLCache):
 
 if triton is not None:
 
+    TQ4_TILE = tl.constexpr(TQ4_VALUE_TILE)
+
     @triton.jit
     def _store_groups(x, q_ptr, s_ptr, entry, live, GROUP: tl.constexpr, BITS: tl.constexpr):
         """x (R, D) fp32 rows stored at the rows' cache entries (R,) where live (R,) is set: symmetric codes
@@ -633,26 +674,51 @@ if triton is not None:
         return (tl.dot(high, h) + tl.dot((xs - high.to(tl.float32)).to(tl.float16), h)) * (1.0 / tl.sqrt(D * 1.0))
 
     @triton.jit
-    def _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live):
-        """x (R, D) rotated rows: each row's direction x / |x| * sqrt(D), about N(0, 1) per coordinate, coded
-        by the 16-level Lloyd-Max codebook of N(0, 1) in sign and magnitude (TurboQuantMSE; codebook: the 16
-        centroids by code, then the 7 bounds between magnitudes), channels 2i and 2i + 1 as the low and high nibble
-        of byte i; and the row's least-squares scale <x, c> / <c, c> of its decoded codes c, in fp16. -> the rows
-        as decoded (R, D)."""
-        R: tl.constexpr = x.shape[0]
+    def _tq4_codes(x, codebook_ptr):
+        """x (R, D) rotated rows -> (codes (R, D) int32, scales (R,) fp32 as fp16 rounds them, the rows as decoded):
+        each row's direction x / |x| * sqrt(D), about N(0, 1) per coordinate, coded by the 16-level Lloyd-Max codebook
+        of N(0, 1) in sign and magnitude (TurboQuantMSE; codebook: the 16 centroids by code, then the 7 bounds between
+        magnitudes), and the row's least-squares scale <x, c> / <c, c> of its decoded codes c."""
         D: tl.constexpr = x.shape[1]
         u = x * (tl.sqrt(D * 1.0) / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-30))[:, None]
         code = tl.where(u < 0, 8, 0)
         for j in tl.static_range(7):
             code += (tl.abs(u) > tl.load(codebook_ptr + 16 + j)).to(tl.int32)
         c = tl.load(codebook_ptr + code)
-        scale = tl.sum(x * c, axis=1) / tl.maximum(tl.sum(c * c, axis=1), 1e-30)
+        scale = (tl.sum(x * c, axis=1) / tl.maximum(tl.sum(c * c, axis=1), 1e-30)).to(tl.float16).to(tl.float32)
+        return code, scale, c * scale[:, None]
+
+    @triton.jit
+    def _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live):
+        """x (R, D) rotated rows coded (_tq4_codes) at their entries where live: channels 2i and 2i + 1 as the low and
+        high nibble of byte i, and the scale in fp16. -> the rows as decoded (R, D)."""
+        R: tl.constexpr = x.shape[0]
+        D: tl.constexpr = x.shape[1]
+        code, scale, decoded = _tq4_codes(x, codebook_ptr)
         lo, hi = tl.split(tl.reshape(code, (R, D // 2, 2)))
         offs = tl.arange(0, D // 2)
         tl.store(q_ptr + entry[:, None] * (D // 2) + offs[None, :], (lo | (hi << 4)).to(tl.uint8),
                  mask=live[:, None] & (offs < D // 2)[None, :])
         tl.store(s_ptr + entry, scale.to(tl.float16), mask=live)
-        return c * scale.to(tl.float16).to(tl.float32)[:, None]
+        return decoded
+
+    @triton.jit
+    def _store_tq4_tiles(x, q_ptr, s_ptr, codebook_ptr, entry, live):
+        """x (R, D) rotated value rows coded (_tq4_codes) into their tiles (TQ4_TILE, tq4_tile_bytes): a nibble of
+        a byte that another entry's code shares, read, merged and written back; the scale in fp16."""
+        D: tl.constexpr = x.shape[1]
+        code, scale, decoded = _tq4_codes(x, codebook_ptr)
+        e = entry % TQ4_TILE
+        order = 2 * (e // 16) + e % 2  # the decoder's output that holds the entry, at this nibble:
+        nibble = (order & 4) | ((order & 1) << 1) | ((order >> 1) & 1)  # bits 0 and 1 swapped
+        channel = tl.arange(0, D)
+        row = channel % 2 * (D // 2) + channel // 2  # even channels first
+        byte = ((entry - e) * (D // 2) + e % 16 // 2 * 4 + nibble // 2)[:, None] + (32 * row)[None, :]
+        shift = (4 * (nibble % 2))[:, None]
+        mask = live[:, None] & (channel < D)[None, :]
+        kept = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32) & ~(15 << shift)
+        tl.store(q_ptr + byte, (kept | (code << shift)).to(tl.uint8), mask=mask)
+        tl.store(s_ptr + entry, scale.to(tl.float16), mask=live)
 
     @triton.jit
     def _rows(x, first: tl.constexpr, R: tl.constexpr):
@@ -675,8 +741,10 @@ if triton is not None:
         return tl.reshape(t, (R, D))
 
     @triton.jit
-    def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr):
-        """Rows x (R, D) fp32 (already rotated for tq4) written in CODEC at their entries where live."""
+    def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr,
+                     VALUES: tl.constexpr):
+        """Rows x (R, D) fp32 (already rotated for tq4) written in CODEC at their entries where live; tq4 values in
+        their tiles."""
         D: tl.constexpr = x.shape[1]
         if CODEC == "exact":
             offs = tl.arange(0, D)
@@ -688,7 +756,10 @@ if triton is not None:
             _store_groups(x, q_ptr, s_ptr, entry, live, GROUP, 4)
         else:
             tl.static_assert(CODEC == "tq4", "unknown codec: exact, int8, int4 or tq4")
-            _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live)
+            if VALUES:
+                _store_tq4_tiles(x, q_ptr, s_ptr, codebook_ptr, entry, live)
+            else:
+                _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live)
 
     @triton.jit
     def _sketch(x, sketch_ptr, M: tl.constexpr):
@@ -773,7 +844,7 @@ if triton is not None:
         ring = (b * H + h0 + head) * RECENT + ring_slot
         keys, values = _rows(x, K0, BLOCK_K), _rows(x, V0, BLOCK_K)
         if KEY != "qjl":
-            _store_codes(keys, kq_ptr, ks_ptr, codebook_ptr, entry, live, KEY, GROUP)
+            _store_codes(keys, kq_ptr, ks_ptr, codebook_ptr, entry, live, KEY, GROUP, False)
         if RECENT > 0:
             tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], keys.to(krecent_ptr.dtype.element_ty),
                      mask=live[:, None])
@@ -783,7 +854,7 @@ if triton is not None:
         if RECENT_VALUES:
             tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], values.to(vrecent_ptr.dtype.element_ty),
                      mask=live[:, None])
-        _store_codes(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, VALUE, GROUP)
+        _store_codes(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, VALUE, GROUP, True)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
         if RECENT > 0:
             tl.store(newest_ptr + b, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
@@ -856,12 +927,13 @@ if triton is not None:
         return _fp16_bits(tl.where((entry & 1) == 1, word >> 16, word))
 
     @triton.jit
-    def _tq4_tables(ptr, D: tl.constexpr):
-        """tq4's four byte-permute tables (tq4_byte_tables), loaded once per program from a copy per word column
-        (D // 8, 4): registers of their own, which the loop's permutes read in place. As constants (or loads of
+    def _tq4_tables(ptr, COLUMNS: tl.constexpr, D: tl.constexpr):
+        """tq4's four byte-permute tables (tq4_byte_tables) for tiles of COLUMNS word columns, (1, COLUMNS) each,
+        loaded once per program from a copy per word column (D // 8, 4; columns past D // 8 read them again):
+        registers of their own, which the loop's permutes read in place. As constants (or loads of
         one address) the compiler kept them in uniform registers and copied one into a register before each permute,
         64 of the loop's 719 instructions per thread per 64 entries (benchmarks/attend_sass.py)."""
-        column = tl.arange(0, D // 8)[None, :] * 4
+        column = tl.arange(0, COLUMNS)[None, :] % (D // 8) * 4
         return tl.load(ptr + column), tl.load(ptr + column + 1), tl.load(ptr + column + 2), tl.load(ptr + column + 3)
 
     @triton.jit
@@ -875,27 +947,33 @@ if triton is not None:
         return _fp16_bits(low | (high << 8) | ((word & 8) << 12))
 
     @triton.jit
-    def _tq4_halves(q_ptr, s_ptr, entry, nmask, tables, D: tl.constexpr):
-        """A block of tq4 rows, read as int32 words of 8 codes, decoded in registers as even and odd channels
-        (BLOCK_N, D // 2) fp16, times each row's scale. Looking each code up in a 16-entry table in memory took one
-        load a code, 134 of the loop's 1,336 instructions per thread per 64 entries (benchmarks/attend_sass.py), and
-        bound tq4 at 12% of copy bandwidth. Scaling the scores and probabilities instead (a multiply an entry, not
-        one per channel pair) took the loop from 589 to 620 (two warps a program): the decoded pairs then need moves
-        into the register quads a 16-byte shared-memory store takes, which the multiplies' results are allocated in."""
-        tl.static_assert(D % 8 == 0, "tq4 rows are read as int32 words: head_dim must be a multiple of 8")
-        N: tl.constexpr = entry.shape[0]
-        words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + entry[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :],
-                        mask=nmask[:, None], other=0)
+    def _tq4_decode(words, tables):
+        """int32 words of 8 tq4 codes -> 8 tiles of the words' shape, fp16: the centroids of the codes at nibbles 0,
+        2, 1, 3, 4, 6, 5, 7 (the PTX's register pairs), from the byte tables (_tq4_tables) of the words' columns."""
         if INTERPRETED:
             c = (_tq4_value(words, tables), _tq4_value(words >> 8, tables), _tq4_value(words >> 4, tables),
                  _tq4_value(words >> 12, tables), _tq4_value(words >> 16, tables), _tq4_value(words >> 24, tables),
                  _tq4_value(words >> 20, tables), _tq4_value(words >> 28, tables))
         else:
-            shape: tl.constexpr = (N, D // 8)
+            shape: tl.constexpr = words.shape
             c = tl.inline_asm_elementwise(TQ4_DECODE_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
                                           [words, tl.broadcast_to(tables[0], shape), tl.broadcast_to(tables[1], shape),
                                            tl.broadcast_to(tables[2], shape), tl.broadcast_to(tables[3], shape)],
                                           dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        return c
+
+    @triton.jit
+    def _tq4_halves(q_ptr, s_ptr, entry, nmask, tables, D: tl.constexpr):
+        """A block of tq4 rows (keys), read as int32 words of 8 codes, decoded in registers as even and odd channels
+        (BLOCK_N, D // 2) fp16, times each row's scale. Looking each code up in a 16-entry table in memory took one
+        load a code, 134 of the loop's 1,336 instructions per thread per 64 entries (benchmarks/attend_sass.py), and
+        bound tq4 at 12% of copy bandwidth. Scaling the scores instead (a multiply an entry, not one per channel pair)
+        builds to as many instructions (464 against 463 an entry at the bandwidth launch: register moves)."""
+        tl.static_assert(D % 8 == 0, "tq4 rows are read as int32 words: head_dim must be a multiple of 8")
+        N: tl.constexpr = entry.shape[0]
+        words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + entry[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :],
+                        mask=nmask[:, None], other=0)
+        c = _tq4_decode(words, tables)
         scale = _entry_fp16(s_ptr, entry, nmask)[:, None]
         # c holds channels 8w + 0, 2, 1, 3, 4, 6, 5, 7 of word w (the PTX's register pairs): the even ones c[0, 1, 4, 5]
         even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[1], c[5])), (N, D // 2))
@@ -949,27 +1027,71 @@ if triton is not None:
                 tl.reshape(tl.reshape(odd, shape) * scale, (N, D // 2)))
 
     @triton.jit
-    def _value_halves(vq_ptr, vs_ptr, entry, nmask, tables, VALUE: tl.constexpr, D: tl.constexpr,
+    def _tq4_value_groups(vq_ptr, vs_ptr, tile_word, entry, nmask, tables, D: tl.constexpr):
+        """tq4 values of a block of whole tiles (tq4_tile_bytes), decoded in registers as 4 groups of its even and of
+        its odd channels transposed, each (D // 2, N // 4) fp16 (group g: entries 16 g .. 16 g + 15 of each tile), and
+        the entries' scales (N, 1) fp32 for their probabilities. tile_word (N // 8,): the first word of each word
+        column's tile. A thread of a tensor-core dot holds of a channel's row of its first operand (m16n8k16) entries
+        2t, 2t + 1, 2t + 8 and 2t + 9 of a group: words t and t + 4 of the tile. So a group's decoded tile is that
+        operand as it stands, and the values reach their dot with no trip through shared memory: a decoded row of
+        entries went through it, with bank conflicts (Nsight Compute, benchmarks/kv_history.md)."""
+        N: tl.constexpr = entry.shape[0]
+        tl.static_assert(N % TQ4_TILE == 0, "tq4 values are read in whole tiles of 64 entries")
+        words = vq_ptr.to(tl.pointer_type(tl.int32)) + (tile_word + tl.arange(0, N // 8) % 8)[None, :]
+        rows = 8 * tl.arange(0, D // 2)[:, None]
+        even = _tq4_decode(tl.load(words + rows), tables)
+        odd = _tq4_decode(tl.load(words + rows + 4 * D), tables)
+        shape: tl.constexpr = (D // 2, N // 4)
+        # decoded c[2g + kl] holds entry 16 g + 2 w + kl of word w's tile
+        even = (tl.reshape(tl.join(even[0], even[1]), shape), tl.reshape(tl.join(even[2], even[3]), shape),
+                tl.reshape(tl.join(even[4], even[5]), shape), tl.reshape(tl.join(even[6], even[7]), shape))
+        odd = (tl.reshape(tl.join(odd[0], odd[1]), shape), tl.reshape(tl.join(odd[2], odd[3]), shape),
+               tl.reshape(tl.join(odd[4], odd[5]), shape), tl.reshape(tl.join(odd[6], odd[7]), shape))
+        return even, odd, _entry_fp16(vs_ptr, entry, nmask).to(tl.float32)[:, None]
+
+    @triton.jit
+    def _value_halves(vq_ptr, vs_ptr, entry, tile_word, nmask, tables, VALUE: tl.constexpr, D: tl.constexpr,
                       GROUP: tl.constexpr):
-        """A block of cached values decoded in registers as its even and its odd channels, two (BLOCK_N, D // 2)
-        fp16 tiles: 4-bit codes are the low and the high nibbles of each byte as stored, so the decoder never
-        interleaves them back (that went through shared memory); each tile feeds its own dot."""
+        """A block of cached values decoded in registers as its even and its odd channels, transposed: tuples of
+        (D // 2, entries) fp16 tiles, one per group of the block's entries (_probability_groups), and a factor for the
+        probabilities' rows (tq4: the entries' scales; else 1). 4-bit codes are the low and the high nibbles of each
+        byte as stored, so the decoder never interleaves them back (that went through shared memory)."""
+        p_scale = 1.0
         if VALUE == "tq4":  # (no early return: the compiler would still compile the code after it)
-            even, odd = _tq4_halves(vq_ptr, vs_ptr, entry, nmask, tables, D)
-        elif VALUE == "int4":
-            byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=nmask[:, None],
-                           other=0).to(tl.int32)
-            even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
-            odd = _fp16_bits((byte >> 4) | FP16_1024) - 1032.0
-        elif VALUE == "int8":
-            even, odd = _int8_halves(vq_ptr, entry, nmask, D)
+            even_t, odd_t, p_scale = _tq4_value_groups(vq_ptr, vs_ptr, tile_word, entry, nmask, tables, D)
         else:
-            tl.static_assert(VALUE == "exact", "unknown value codec: exact, int8, int4 or tq4")
-            v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-            even, odd = _even_odd_halves(v.to(tl.float16))
-        if (VALUE == "int8") | (VALUE == "int4"):
-            even, odd = _scale_halves(even, odd, vs_ptr, entry, nmask, GROUP)
-        return even, odd
+            if VALUE == "int4":
+                byte = tl.load(vq_ptr + entry[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
+                               mask=nmask[:, None], other=0).to(tl.int32)
+                even = _fp16_bits((byte & 15) | FP16_1024) - 1032.0  # 1024 + n - 1032 = n - 8, exact
+                odd = _fp16_bits((byte >> 4) | FP16_1024) - 1032.0
+            elif VALUE == "int8":
+                even, odd = _int8_halves(vq_ptr, entry, nmask, D)
+            else:
+                tl.static_assert(VALUE == "exact", "unknown value codec: exact, int8, int4 or tq4")
+                v = tl.load(vq_ptr + entry[:, None] * D + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
+                even, odd = _even_odd_halves(v.to(tl.float16))
+            if (VALUE == "int8") | (VALUE == "int4"):
+                even, odd = _scale_halves(even, odd, vs_ptr, entry, nmask, GROUP)
+            even_t, odd_t = (tl.trans(even.to(tl.float16)),), (tl.trans(odd.to(tl.float16)),)
+        return even_t, odd_t, p_scale
+
+    @triton.jit
+    def _probability_groups(p, GROUPS: tl.constexpr):
+        """Probabilities (N, BLOCK_H) -> GROUPS tiles (N // GROUPS, BLOCK_H): 1, p; 4, the rows of each tile's groups
+        of 16 (_tq4_value_groups), taken apart in registers (a score tile's rows 16 apart are a thread's)."""
+        if GROUPS == 1:
+            groups = (p,)
+        else:
+            tl.static_assert(GROUPS == 4, "probabilities go to 1 group or to tq4's 4")
+            N: tl.constexpr = p.shape[0]
+            H: tl.constexpr = p.shape[1]
+            x = tl.permute(tl.reshape(p, (N // TQ4_TILE, 4, 16, H)), (0, 2, 3, 1))
+            low, high = tl.split(tl.reshape(x, (N // 4, H, 2, 2)))  # group bit 0; then bit 1
+            g0, g2 = tl.split(low)
+            g1, g3 = tl.split(high)
+            groups = (g0, g1, g2, g3)
+        return groups
 
     @triton.jit
     def _nibble_halves(codes):
@@ -1002,41 +1124,59 @@ if triton is not None:
         return tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
-    def _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd):
-        """A block's scores s (N, BLOCK_H), log2 units, -inf where masked, and its values' even and odd halves (N,
-        D // 2) folded into the running max, sum and transposed output halves (D // 2, BLOCK_H); a block with every
-        entry masked changes nothing."""
+    def _softmax_step(s, v_even, v_odd, p_scale, m_i, l_i, acc_even, acc_odd):
+        """A block's scores s (N, BLOCK_H), log2 units, -inf where masked, and its values' even and odd halves,
+        transposed, per group of its entries (_value_halves), whose dots take the probabilities times p_scale, folded
+        into the running max, sum and transposed output halves (D // 2, BLOCK_H); a block with every entry masked
+        changes nothing."""
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_ref[None, :])
         alpha = tl.exp2(m_i - m_ref)
-        p16 = p.to(tl.float16)
-        acc_even = acc_even * alpha[None, :] + tl.dot(tl.trans(v_even.to(tl.float16)), p16)
-        acc_odd = acc_odd * alpha[None, :] + tl.dot(tl.trans(v_odd.to(tl.float16)), p16)
+        acc_even *= alpha[None, :]
+        acc_odd *= alpha[None, :]
+        p16 = _probability_groups((p * p_scale).to(tl.float16), len(v_even))
+        for g in tl.static_range(len(v_even)):
+            acc_even = tl.dot(v_even[g], p16[g], acc_even)
+            acc_odd = tl.dot(v_odd[g], p16[g], acc_odd)
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc_even, acc_odd
 
     @triton.jit
-    def _attend_block(q, n0, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
+    def _walk_slot(i, walk, CAP, RECENT: tl.constexpr):
+        """The slot of the entry i steps into a row's walk (_attend_kernel): i itself, or with RECENT i steps after
+        the walk's first slot, wrapping."""
+        slot = i
+        if RECENT > 0:
+            slot = walk[0] + i
+            slot = tl.where(slot >= CAP, slot - CAP, slot)
+        return slot
+
+    @triton.jit
+    def _attend_block(q, n0, end, row, walk, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
                       vq_ptr, vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY: tl.constexpr,
                       VALUE: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
                       RECENT: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """The entries n0 .. n0 + BLOCK_N of the cache row `row` (its first slot) folded into the online softmax. A
-        block wholly before `end` runs unmasked (MASKED false: no compares, selects or predicated loads; masked, the
-        loop would take 927 instructions per thread a block for int8 against 832, 587 for tq4 against 554, at their
-        bandwidth launches: benchmarks/attend_sass.py); the last block of a split masks the entries past `end`."""
+        """The entries n0 .. n0 + BLOCK_N of a walk over cache row `row` (its first slot) folded into the online
+        softmax. A block of coded entries before `end` runs unmasked (MASKED false: no compares, selects or predicated
+        loads; masked, the loop would take 927 instructions per thread a block for int8 against 832, 587 for tq4
+        against 554, at their bandwidth launches: benchmarks/attend_sass.py); a split's last block masks the entries
+        from `end`, and a walk's first block the entries that are not coded ones (_attend_kernel)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end if MASKED else tl.full((BLOCK_N,), 1, tl.int1)
-        slot = offs_n
-        if RECENT > 0:  # the entry offs_n steps after the oldest
-            slot = oldest + offs_n
-            slot = tl.where(slot >= CAP, slot - CAP, slot)
-        entry = row + slot
-        s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables, KEY, D, GROUP,
-                        M) * score_scale
+        nmask = tl.full((BLOCK_N,), 1, tl.int1)
+        if MASKED:
+            age = tl.where(offs_n >= walk[1], offs_n - walk[1], offs_n - walk[1] + CAP)  # steps after the oldest
+            nmask = (offs_n < end) & (age < walk[2])
+        entry = row + _walk_slot(offs_n, walk, CAP, RECENT)
+        s = _key_scores(q, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, sign_table_ptr, entry, nmask, tables[0], KEY, D,
+                        GROUP, M) * score_scale
         if MASKED:
             s = tl.where(nmask[:, None], s, float("-inf"))
-        v_even, v_odd = _value_halves(vq_ptr, vs_ptr, entry, nmask, tables, VALUE, D, GROUP)
-        return _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
+        tile_word = 0  # read by tq4 values only: each word column's tile's first word
+        if VALUE == "tq4":  # (a block's tiles past the capacity wrap, walk or not: their loads take no mask)
+            tile_slot = walk[0] + n0 + tl.arange(0, BLOCK_N // 8) // 8 * TQ4_TILE
+            tile_word = (row + tl.where(tile_slot >= CAP, tile_slot - CAP, tile_slot)) * (D // 8)
+        v_even, v_odd, p_scale = _value_halves(vq_ptr, vs_ptr, entry, tile_word, nmask, tables[1], VALUE, D, GROUP)
+        return _softmax_step(s, v_even, v_odd, p_scale, m_i, l_i, acc_even, acc_odd)
 
     @triton.jit
     def _attend_kernel(q_ptr, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, krecent_ptr, vrecent_ptr, newest_ptr, vq_ptr,
@@ -1051,19 +1191,25 @@ if triton is not None:
         and log-sum-exp, and the last split of each (row, KV head) to finish, counted by an atomic, merges
         them (flash decoding in one launch). tq4 and qjl keys: q arrives in the rotated basis (qjl sketches it
         here, once per program); tq4 values: the output leaves in that basis (attend_in_basis).
-        RECENT: the splits share the row's entries but its RECENT newest, oldest first (a row's positions run on by
-        one, so they are the filled slots from the one after the newest, wrapping); split 0 takes those newest in
-        one more block, keys exact from the ring of rotated keys, values from the ring of rotated values with
-        RECENT_VALUES (else as coded). Ordering the entries by age costs no mask: the loop just ends sooner."""
+        RECENT: the splits share the row's entries but its RECENT newest, walking them oldest first (a row's positions
+        run on by one, so they are the filled slots from the one after the newest, wrapping): `walk` is its first
+        slot, the oldest entry's step into it and the entries to take. Ordering the entries by age costs no mask: the
+        loop just ends sooner. tq4 values are read in whole tiles, so their walk begins at the tile that holds the
+        oldest entry: the tile's entries before the oldest are the row's newest, and the walk's first block masks
+        those of them in the ring by their age (the walk still ends by the capacity, a multiple of the tile). Split 0
+        then takes the RECENT newest in one more block, keys exact from the ring of rotated keys, values from the ring
+        of rotated values with RECENT_VALUES (else as coded)."""
         b, h, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        tl.static_assert((VALUE != "tq4") | (RECENT == 0) | RECENT_VALUES, "tq4 values keep their newest in a ring")
+        ALIGN: tl.constexpr = TQ4_TILE if VALUE == "tq4" else 1  # where a walk may begin: whole tiles of values
         length = tl.load(len_ptr + b)
-        coded, oldest, newest = length, 0, 0
+        walk, newest = (0, 0, length), 0
         if RECENT > 0:
             newest = tl.load(newest_ptr + b)
-            coded = tl.maximum(length - RECENT, 0)
             oldest = ((newest + 1 - length) % CAP + CAP) % CAP  # the oldest filled entry's slot
+            walk = (oldest // ALIGN * ALIGN, oldest % ALIGN, tl.maximum(length - RECENT, 0))
         start = sp * CHUNK
-        end = tl.minimum(start + CHUNK, coded)
+        end = tl.minimum(start + CHUNK, tl.minimum(walk[1] + walk[2], CAP))
         offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, D)
         hmask = offs_h < G
         heads = b * H * G + h * G + offs_h
@@ -1083,22 +1229,33 @@ if triton is not None:
         if KEY == "qjl":
             sq_low, sq_high = _nibble_halves(_sketch(q_in, sketch_ptr, M).to(tl.float16))
             q = (q[0], q[1], tl.trans(sq_low), tl.trans(sq_high))
-        tables = 0  # read by tq4 codes only
-        if (KEY == "tq4") | (KEY == "qjl") | (VALUE == "tq4"):
-            tables = _tq4_tables(tq4_tables_ptr, D)
+        key_tables, value_tables = 0, 0  # read by tq4 codes only
+        if (KEY == "tq4") | (KEY == "qjl"):
+            key_tables = _tq4_tables(tq4_tables_ptr, D // 8, D)
+        if VALUE == "tq4":
+            value_tables = _tq4_tables(tq4_tables_ptr, BLOCK_N // 8, D)
+        tables = (key_tables, value_tables)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc_even = tl.zeros((D // 2, BLOCK_H), tl.float32)
         acc_odd = tl.zeros((D // 2, BLOCK_H), tl.float32)
         row = (b * H + h) * CAP
-        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(start, full_end, BLOCK_N):
+        blocks_from = start
+        if ALIGN > 1:
+            if (sp == 0) & (walk[1] > 0):  # the walk's first block: its entries before the oldest are the newest
+                m_i, l_i, acc_even, acc_odd = _attend_block(
+                    q, start, end, row, walk, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
+                    vq_ptr, vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY, VALUE, D, GROUP, M, RECENT, BLOCK_N,
+                    True)
+                blocks_from = start + BLOCK_N
+        full_end = blocks_from + tl.maximum(end - blocks_from, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(blocks_from, full_end, BLOCK_N):
             m_i, l_i, acc_even, acc_odd = _attend_block(
-                q, n0, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, vq_ptr,
+                q, n0, end, row, walk, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr, vq_ptr,
                 vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY, VALUE, D, GROUP, M, RECENT, BLOCK_N, False)
         if full_end < end:
             m_i, l_i, acc_even, acc_odd = _attend_block(
-                q, full_end, end, row, oldest, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
+                q, full_end, end, row, walk, m_i, l_i, acc_even, acc_odd, kq_ptr, ks_ptr, kbits_ptr, krnorm_ptr,
                 vq_ptr, vs_ptr, sign_table_ptr, tables, CAP, score_scale, KEY, VALUE, D, GROUP, M, RECENT, BLOCK_N, True)
         if RECENT > 0:
             if sp == 0:
@@ -1110,10 +1267,11 @@ if triton is not None:
                 s = tl.where(live[:, None], tl.dot(k, tl.trans(q_in.to(tl.float16))) * score_scale, float("-inf"))
                 if RECENT_VALUES:
                     v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
+                    v_even, v_odd, p_scale = (tl.trans(v_even.to(tl.float16)),), (tl.trans(v_odd.to(tl.float16)),), 1.0
                 else:
-                    v_even, v_odd = _value_halves(vq_ptr, vs_ptr, row + tl.maximum(p, 0) % CAP, live, tables, VALUE,
-                                                  D, GROUP)
-                m_i, l_i, acc_even, acc_odd = _softmax_step(s, v_even, v_odd, m_i, l_i, acc_even, acc_odd)
+                    v_even, v_odd, p_scale = _value_halves(vq_ptr, vs_ptr, row + tl.maximum(p, 0) % CAP, 0, live,
+                                                           tables[1], VALUE, D, GROUP)
+                m_i, l_i, acc_even, acc_odd = _softmax_step(s, v_even, v_odd, p_scale, m_i, l_i, acc_even, acc_odd)
         filled = l_i > 0
         l_safe = tl.where(filled, l_i, 1.0)
         denom = l_safe[:, None]
@@ -1393,11 +1551,14 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
-    # Bandwidth regime swept on one H200 (48 settings a shape, 3 to 6 stages, after the one-tile write kernel 3622365):
-    # 4 stages, the fastest at 1024x1024 within 0.1 us, 148.1 us, and within 0.7% of the fastest at 16384x64, 143.6 us,
-    # against 150.2 and 149.2 for the former 3 (a program holds num_stages - 1 blocks in flight). Its write, the
-    # same sweep at 1024x1024: 7.7 us in one warp against 9.4 in two (at 16384x64 6.6 against 6.5).
-    launch = {"latency": (64, 4, 3, 4, None), "bandwidth": (32, 1, 4, 16, 168)}
+    capacity_multiple = TQ4_VALUE_TILE
+    # Blocks of 64, whole tiles of values. Not yet swept on a GPU; from the sm_90 builds (benchmarks/attend_sass.py,
+    # triton 3.6). Bandwidth: one warp, 4 stages, a 168 cap (12 programs an SM; triton 3.9 takes 235 registers
+    # uncapped) issue 463 instructions a cached entry, against 561 for the rows of values before the tiles at their
+    # swept launch (blocks of 32, one warp, 4 stages, a 168 cap: 143.6 us at 16384x64 on one H200). Latency: four
+    # warps would decode each value tile twice (970 an entry, against the rows' 824); two, 538. Its write, swept at
+    # 1024x1024 before the tiles: 7.7 us in one warp against 9.4 in two (at 16384x64 6.6 against 6.5).
+    launch = {"latency": (64, 2, 4, 4, None), "bandwidth": (64, 1, 4, 16, 168)}
     bandwidth_write_warps = 1
 
     def codes(self):
@@ -1699,12 +1860,17 @@ class AREvalSettings:
 
     def for_device(self, device: torch.device) -> "AREvalSettings":
         """These settings with KV_QUANT_BACKEND=auto resolved for the device; a backend that cannot run there (a
-        Triton backend on a CPU without the interpreter) is refused."""
+        Triton backend on a CPU without the interpreter), or not with the context's cache, is refused."""
         resolved = replace(self, backend=default_backend(device) if self.backend == "auto" else self.backend)
         for var, name in resolved.named_backends():
             problem = backend_problem(name, device)
             if problem:
                 raise ValueError(f"{var}={name}: {problem}")
+            multiple = KV_BACKENDS[name].capacity_multiple
+            if self.context % multiple:
+                raise ValueError(f"{var}={name} reads its cache in tiles of {multiple} entries, and the AR eval's "
+                                 f"context of {self.context} (KV_EVAL_CONTEXT_LEN, else TRAIN_SEQ_LEN) is not a "
+                                 f"multiple of {multiple}; set KV_EVAL_CONTEXT_LEN to one")
         return resolved
 
 

@@ -86,21 +86,13 @@ def random_cache(name: str, batch: int, ctx: int, a, cfg: kv.KVConfig) -> kv.KVC
 WIDE_GRID = ((32, 64, 128, 256), (2, 4, 8), (1, 2, 3), (4, 8, 16), (None, 128))
 GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          "int8": ((64, 128), (1, 2, 4), (2, 3), (4, 8), (None, 128)),
-         # tq4: at one warp a program the kernel took 231 registers a thread (sm_90; 188 with scores as keys x q^T), so
-         # 8 programs fit an SM; smaller blocks take fewer, and a cap of 168 fits 12. 16 programs per SM doubles the
-         # splits at 16384 x 64. Swept on one H200 at 8f6b0c2: blocks of 32 under the cap, 16 programs an SM, the
-         # fastest at 16384 x 64 and within 1.2% of the fastest at 1024 x 1024 (at 52a3799 blocks of 64 had led). There
-         # its 158.6 us are twice what it issues (600 instructions an entry in the device's triton 3.6 build: 75 us at
-         # 4 warp instructions a cycle an SM, 1.98 GHz) or reads (68 us at copy bandwidth), with 12 one-warp programs
-         # an SM to hide latency. Caps of 144 and 128 fit 14 and 16 (609 and 633 instructions an entry, no spills:
-         # benchmarks/attend_sass.py --settings 32/1/3/16/144); whether more warps hide more is what they test (before
-         # keys x q^T, 12 programs an SM under the 168 cap had been 2.7% slower than 8 at 1024 x 1024). Deeper pipelines:
-         # a program keeps num_stages - 1 blocks in flight, so tq4's launch holds 2 x 32 entries x 68 bytes, 52 KB an SM
-         # at 12 programs, against int8's 139 KB (2 x 64 x 136 bytes, 8 programs) at 94.5% of copy bandwidth; 4 and 6
-         # stages hold 78 and 131 KB (12,544 and 17,152 B of shared memory a program: still 12 programs an SM), and 4
-         # builds to 561 instructions an entry against 600 (154 registers; a ring of 4 stage buffers is indexed by a
-         # mask, not a compare and a select). Two warps and 2 stages never led a tq4 sweep: dropped for 48 settings.
-         "tq4": ((32, 64), (1,), (3, 4, 6), (8, 16), (None, 128, 144, 168)),
+         # tq4: values are read in whole tiles of 64 entries, so blocks of 64 (128 took 2,007 instructions a thread a
+         # block at one warp, twice 64's, and 7 programs an SM). One warp a program builds to 168 registers uncapped
+         # (12 programs an SM; a cap of 144 fits 13, shared memory then binds), two warps to 153, four decode each
+         # value tile twice (the dots' 32 channel rows over 4 warps). Before the tiles (561 instructions an entry at
+         # blocks of 32, one warp, 4 stages, against 463 now: benchmarks/attend_sass.py, triton 3.6), 2 stages and
+         # caps of 128 never led a tq4 sweep.
+         "tq4": ((64,), (1, 2, 4), (3, 4, 5), (8, 16), (144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]

@@ -307,7 +307,7 @@ def test_rotated_values_fold_into_the_output_projection():
     decoder = kv.DecodeModel(model, torch.float32)
     logits = {}
     for name in ("tq4", "tq4_triton"):
-        caches = [kv.make_kv_cache(name, 2, 1, 2, 16, 64, "cpu", torch.float32, layer=i) for i in range(2)]
+        caches = [kv.make_kv_cache(name, 2, 1, 2, 64, 64, "cpu", torch.float32, layer=i) for i in range(2)]
         with torch.no_grad():
             logits[name] = torch.stack([decoder.decode_step(tokens[:, t], torch.full((2,), t), caches)
                                         for t in range(10)], 1)

@@ -60,8 +60,8 @@ def filled(name, lengths, hkv, g, d, cap, cfg=CFG, seed=0):
 @pytest.mark.parametrize("regime", ["latency", "bandwidth"])
 @pytest.mark.parametrize("lengths, g, d", [([37, 1, 0], 2, 64), ([70], 1, 64), ([5, 129], 4, 128), ([0], 4, 64)])
 def test_triton_attend_matches_reference(name, regime, lengths, g, d):
-    ref = filled(kv.TORCH_REFERENCE[name], lengths, 2, g, d, cap=160)
-    fast = kv.make_kv_cache(name, len(lengths), 2, 2 * g, 160, d, DEVICE, torch.float32, CFG)
+    ref = filled(kv.TORCH_REFERENCE[name], lengths, 2, g, d, cap=192)
+    fast = kv.make_kv_cache(name, len(lengths), 2, 2 * g, 192, d, DEVICE, torch.float32, CFG)
     fast.relaunch(fast.launch[regime])
     for key in ref.buffers:
         fast.buffers[key].copy_(ref.buffers[key])
@@ -116,10 +116,10 @@ def test_qjl_triton_with_int8_values_attends_as_its_reference():
 @pytest.mark.parametrize("write_group", [1, 2])
 def test_triton_write_matches_reference(name, d, value_bits, write_group):
     cfg = kv.KVConfig(group_size=32, qjl_dim=64, value_bits=value_bits, seed=1)
-    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
-    fast = kv.make_kv_cache(name, 3, 2, 4, 40, d, DEVICE, torch.float32, cfg)
+    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 64, d, DEVICE, torch.float32, cfg)
+    fast = kv.make_kv_cache(name, 3, 2, 4, 64, d, DEVICE, torch.float32, cfg)
     fast.relaunch(write_settings=(write_group, 2))  # KV heads a program, warps
-    for t in range(45):  # past capacity: the ring wraps
+    for t in range(70):  # past capacity: the ring wraps
         k, v, pos = torch.randn(3, 2, d) * 3, torch.randn(3, 2, d), torch.tensor([t, t + 3, 2 * t])
         ref.append(k, v, pos)
         fast.append(k, v, pos)
@@ -128,7 +128,7 @@ def test_triton_write_matches_reference(name, d, value_bits, write_group):
             torch.testing.assert_close(fast.buffers[key], ref.buffers[key], rtol=1e-3, atol=1e-5)
         else:
             assert_same_codes(fast, ref, key, 1e-3)
-    assert torch.equal(fast.lengths, ref.lengths) and fast.lengths.tolist() == [40, 40, 40]
+    assert torch.equal(fast.lengths, ref.lengths) and fast.lengths.tolist() == [64, 64, 64]
 
 
 def test_write_settings_must_divide_the_kv_heads():
@@ -186,7 +186,7 @@ def test_tq4_decoder_is_exact_for_every_code():
     @triton.jit
     def decode(codes_ptr, scale_ptr, tables_ptr, out_ptr, D: tl.constexpr):
         rows = tl.arange(0, 16)
-        even, odd = kv._tq4_halves(codes_ptr, scale_ptr, rows, rows < 16, kv._tq4_tables(tables_ptr, D), D)
+        even, odd = kv._tq4_halves(codes_ptr, scale_ptr, rows, rows < 16, kv._tq4_tables(tables_ptr, D // 8, D), D)
         channels = tl.reshape(tl.join(even, odd), (16, D))
         tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], channels)
 
@@ -198,6 +198,41 @@ def test_tq4_decoder_is_exact_for_every_code():
     mse = kv.TurboQuantMSE(64, 0, DEVICE)
     decode[(1,)](packed, scale, mse.decoder_tables, out, D=64)
     assert torch.equal(out, mse.centroids.half()[code] * scale[:, None])
+
+
+@pytest.mark.parametrize("n", [64, 128])
+def test_tq4_value_tiles_decode_to_the_references_values(n):
+    """A block of one or two tiles of tq4 values, every code at every nibble: the kernels' groups of the decoded
+    tiles (the tensor-core operands, channels by entries) hold the fp16 centroids of the codes the torch reference
+    reads, entry for entry, and the entries' scales come beside them."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode(codes_ptr, scale_ptr, tables_ptr, out_ptr, scale_out_ptr, D: tl.constexpr, N: tl.constexpr):
+        entry = tl.arange(0, N)
+        tile_word = tl.arange(0, N // 8) // 8 * 8 * D  # the first word of each word column's tile
+        even, odd, scale = kv._tq4_value_groups(codes_ptr, scale_ptr, tile_word, entry, entry < N,
+                                                kv._tq4_tables(tables_ptr, N // 8, D), D)
+        channel = 2 * tl.arange(0, D // 2)[:, None]
+        for g in tl.static_range(4):  # group g: entries 16 g .. 16 g + 15 of each tile
+            j = tl.arange(0, N // 4)[None, :]
+            at = out_ptr + (j // 16 * 64 + 16 * g + j % 16) * D + channel
+            tl.store(at, even[g])
+            tl.store(at + 1, odd[g])
+        tl.store(scale_out_ptr + entry[:, None], scale)
+
+    d = 64
+    gen = torch.Generator().manual_seed(2)
+    cache = kv.make_kv_cache("tq4", 1, 1, 1, n, d, DEVICE, torch.float32, kv.KVConfig(recent_exact_tokens=0))
+    cache.v_codes.copy_(torch.randint(0, 256, cache.v_codes.shape, generator=gen).to(torch.uint8))
+    cache.v_scale.copy_(torch.rand(cache.v_scale.shape, generator=gen).half() + 0.5)
+    out = torch.empty(n, d, dtype=torch.float16)
+    scale = torch.empty(n, 1)
+    decode[(1,)](cache.v_codes, cache.v_scale, cache.mse.decoder_tables, out, scale, D=d, N=n)
+    codes = cache.value_codes()[0, 0]
+    assert len(set(codes.flatten().tolist())) == 16
+    assert torch.equal(out, cache.mse.centroids.half()[codes]) and torch.equal(scale[:, 0], cache.v_scale[0, 0].float())
 
 
 def run_ptx(ptx: str, inputs: dict[str, int]) -> dict[str, int]:
@@ -314,7 +349,7 @@ def test_each_backend_keeps_its_own_ring_unless_the_config_sets_one(name, own):
     import train_gpt as tg
 
     def ring(cfg):
-        return kv.make_kv_cache(name, 1, 2, 4, 32, 64, DEVICE, torch.float32, cfg).recent
+        return kv.make_kv_cache(name, 1, 2, 4, 64, 64, DEVICE, torch.float32, cfg).recent
 
     settings = [tg.Hyperparameters.from_env(env).ar_eval_settings().cache
                 for env in ({}, {"KV_RECENT_EXACT_TOKENS": "3"}, {"KV_RECENT_EXACT_TOKENS": "0"})]
@@ -336,20 +371,57 @@ def test_recent_entries_are_exact(name):
     assert not torch.allclose(v_recent[:, :, :6], v_exact[:, :, :6])
 
 
+@pytest.mark.parametrize("regime", ["latency", "bandwidth"])
 @pytest.mark.parametrize("recent", [0, 3, 16])
-def test_tq4_triton_ring_of_newest_entries_attends_as_its_reference(recent):
+def test_tq4_triton_ring_of_newest_entries_attends_as_its_reference(recent, regime):
     """tq4_triton without an exact ring (TurboQuant alone), with an odd ring and with a ring of a whole block, over
-    rows that wrap the cache's capacity, stay shorter than the ring, and go inactive."""
+    rows that wrap the cache's capacity (so their walk from the oldest entry begins inside a tile of values, and with a
+    ring of 3 the tile's first entries are coded ones), stay shorter than the ring, and go inactive; split over the
+    capacity."""
     cfg = kv.KVConfig(recent_exact_tokens=recent, seed=4)
     torch.manual_seed(5)
-    ref = kv.make_kv_cache("tq4", 3, 2, 4, 40, 64, DEVICE, torch.float32, cfg)
-    fast = kv.make_kv_cache("tq4_triton", 3, 2, 4, 40, 64, DEVICE, torch.float32, cfg)
-    for t in range(50):
-        k, v, pos = torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([t, min(t, 2), t if t < 45 else -1])
-        ref.append(k, v, pos)
-        fast.append(k, v, pos)
+    ref = kv.make_kv_cache("tq4", 3, 2, 4, 256, 64, DEVICE, torch.float32, cfg)
+    fast = kv.make_kv_cache("tq4_triton", 3, 2, 4, 256, 64, DEVICE, torch.float32, cfg)
+    fast.relaunch(fast.launch[regime])
+    for t in range(300):
+        ref.append(torch.randn(3, 2, 64), torch.randn(3, 2, 64), torch.tensor([t, min(t, 2), t if t < 290 else -1]))
+    for key in ref.buffers:
+        fast.buffers[key].copy_(ref.buffers[key])
+    fast.lengths.copy_(ref.lengths)
     q = torch.randn(3, 4, 64)
     torch.testing.assert_close(fast.attend(q), ref.attend(q), **FP16_DOT)
+    assert ref.lengths.tolist() == [256, 3, 256] and fast.splits == 4
+
+
+def test_tq4_triton_capacity_is_whole_tiles_of_values():
+    """tq4_triton reads values in tiles of 64 entries; its torch reference takes any capacity (the last tile padded)."""
+    with pytest.raises(ValueError, match="in tiles of 64 entries: a capacity of 40 is not a multiple of 64"):
+        kv.make_kv_cache("tq4_triton", 1, 2, 4, 40, 64, DEVICE, torch.float32)
+    cache = filled("tq4", [40], 2, 2, 64, 40)
+    assert cache.v_codes.shape == (1, 2, 1, 64 * 32) and cache.value_codes().shape == (1, 2, 40, 64)
+
+
+def test_tq4_value_tiles_hold_each_code_once_where_the_decoder_emits_it():
+    """tq4_tile_bytes is a one-to-one map of a tile's (entry, channel) codes onto its nibbles; word w of a channel
+    holds entries 16 g + 2 w + k at nibble n(2 g + k) (n swaps bits 0 and 1), whose decoded order (nibbles 0, 2, 1, 3,
+    4, 6, 5, 7) is g and k ascending; and a reference cache reads its codes back as written."""
+    d = 64
+    byte, shift = kv.tq4_tile_bytes(torch.arange(64), d)
+    nibble = byte * 2 + shift // 4  # (64, D)
+    assert sorted(nibble.flatten().tolist()) == list(range(64 * d))
+    decoded_order = [0, 2, 1, 3, 4, 6, 5, 7]
+    for c in (0, 1, 37):
+        row = c % 2 * (d // 2) + c // 2  # even channels first
+        for w in range(8):
+            in_word = [int(nibble[16 * g + 2 * w + k, c]) - 8 * (8 * row + w) for g in range(4) for k in range(2)]
+            assert [in_word[i] for i in decoded_order] == list(range(8)), (c, w)
+    torch.manual_seed(3)
+    cache = kv.make_kv_cache("tq4", 1, 2, 2, 128, d, DEVICE, torch.float32)
+    values = torch.randn(100, 1, 2, d)
+    for t in range(100):
+        cache.append(torch.randn(1, 2, d), values[t], torch.tensor([t]))
+    expected = kv.tq4_unpack(cache.mse.encode(values)[0]).permute(1, 2, 0, 3)  # (1, 2, 100, D)
+    assert torch.equal(cache.value_codes()[:, :, :100], expected)
 
 
 def test_unknown_backend_lists_the_valid_ones():
@@ -383,7 +455,7 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_refused_with_the_fix(monk
 
 def test_every_triton_backend_declares_its_codecs_and_launches():
     for cls in kv.TRITON_BACKENDS:
-        cache = cls(2, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
+        cache = cls(2, 2, 4, 64, 64, DEVICE, torch.float32, CFG)
         assert cache.key_codec in ("exact", "int8", "qjl", "tq4") and cache.value_codec in ("exact", "int8", "int4", "tq4")
         assert set(cls.launch) == {"latency", "bandwidth"}, cls.name
         torch_bases = [b for b in cls.__mro__ if b in kv.TORCH_BACKENDS]  # the reference it runs over, and its bases
@@ -437,8 +509,8 @@ def test_tq4_distortion_holds_with_an_outlier_channel():
 @pytest.mark.parametrize("name", TRITON_BACKENDS)
 def test_triton_append_accepts_broadcast_positions(name):
     """The decoder passes one device step counter expanded over the batch (stride 0)."""
-    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
-    fast = kv.make_kv_cache(name, 3, 2, 4, 16, 64, DEVICE, torch.float32, CFG)
+    ref = kv.make_kv_cache(kv.TORCH_REFERENCE[name], 3, 2, 4, 64, 64, DEVICE, torch.float32, CFG)
+    fast = kv.make_kv_cache(name, 3, 2, 4, 64, 64, DEVICE, torch.float32, CFG)
     step = torch.zeros(1, dtype=torch.int64)
     for _ in range(5):
         k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
@@ -458,7 +530,7 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     k and v; a row at a negative position is inactive and leaves the cache untouched. Three KV heads a program
     (of three) put the keys' rows of the kernel's tile past padding after the query rows."""
     torch.manual_seed(4)
-    hkv, b, cap = max(2, write_group), 3, 24
+    hkv, b, cap = max(2, write_group), 3, 64
     ref = filled(kv.TORCH_REFERENCE[name], [5, 9, 3], hkv, g, d, cap)
     fast = kv.make_kv_cache(name, b, hkv, hkv * g, cap, d, DEVICE, torch.float32, CFG)
     fast.relaunch(write_settings=(write_group, 2))  # KV heads a program, warps
@@ -468,7 +540,7 @@ def test_fused_prologue_matches_reference(name, g, d, write_group):
     before = {key: t.clone() for key, t in ref.buffers.items()}
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     q_gain = torch.rand(hkv * g) + 0.5
-    positions = torch.tensor([5, -1, 30])  # row 1 inactive; row 2 wraps the ring
+    positions = torch.tensor([5, -1, 70])  # row 1 inactive; row 2 wraps the ring
     qkv = torch.randn(b, (hkv * g + 2 * hkv) * d) * 3
     q_ref, q_fast = ref.prologue(qkv, positions, inv_freq, q_gain), fast.prologue(qkv, positions, inv_freq, q_gain)
     if isinstance(q_fast, kv.RotatedQuery):  # tq4 and qjl: the query in the layer's rotated basis
@@ -506,7 +578,7 @@ def test_write_sweep_times_every_setting_against_the_reference(name, monkeypatch
     bench = kv_bench_on_cpu(monkeypatch)
     torch.manual_seed(7)
     a = argparse.Namespace(kv_heads=4, q_heads=8, head_dim=64)
-    cache, ref = (kv.make_kv_cache(n, 2, 4, 8, 16, 64, DEVICE, torch.float32, CFG) for n in (name, kv.TORCH_REFERENCE[name]))
+    cache, ref = (kv.make_kv_cache(n, 2, 4, 8, 64, 64, DEVICE, torch.float32, CFG) for n in (name, kv.TORCH_REFERENCE[name]))
     rows = bench.sweep_write(name, cache, ref, a)
     assert [r["write_settings"] for r in rows] == [(h, w) for h in (1, 2, 4) for w in bench.WRITE_WARPS]
     assert max(r["max_abs_err_vs_torch"] for r in rows) < 1e-4
@@ -730,9 +802,9 @@ def test_attend_sass_builds_a_launch_it_is_given():
     """--settings builds a launch other than the backend's: a register cap reaches the compiler (tq4 takes more than
     128 registers uncapped), and the SM holds as many one-warp programs as 128 registers a thread allow (16). A
     malformed launch is refused naming the form it takes."""
-    lines = attend_sass("--backends", "tq4_triton", "--settings", "32/1/3/16/128")
+    lines = attend_sass("--backends", "tq4_triton", "--settings", "64/1/2/16/128")
     registers, programs = re.search(r"(\d+) registers, \d+ B shared, (\d+) programs an SM", lines["tq4_triton"]).groups()
-    assert "32/1/3/128" in lines["tq4_triton"] and int(registers) <= 128 and int(programs) == 16, lines
+    assert "64/1/2/128" in lines["tq4_triton"] and int(registers) <= 128 and int(programs) == 16, lines
     with pytest.raises(AssertionError, match="expected BLOCK/WARPS/STAGES/PROGRAMS/REGS"):
         attend_sass("--settings", "32/1/3")
 

@@ -147,6 +147,19 @@ def test_a_plain_run_on_a_cpu_picks_backends_that_run_there(monkeypatch):
     assert args.kv_quant_backend == "int8" and tg.kv.exact_backend(torch.device("cpu")) == "bf16"
 
 
+@pytest.mark.parametrize("env", [{"KV_QUANT_BACKEND": "tq4_triton", "KV_EVAL_CONTEXT_LEN": "1000"},
+                                 {"KV_EVAL_COMPARE_BACKENDS": "tq4_triton", "TRAIN_SEQ_LEN": "1000"}])
+def test_a_context_of_part_tiles_is_refused_before_training(env):
+    """tq4_triton reads its cache in tiles of 64 entries: a run whose AR eval context (KV_EVAL_CONTEXT_LEN, else
+    TRAIN_SEQ_LEN) is not a multiple of 64 is refused at its start, naming the setting; a multiple of 64 runs."""
+    args = tg.Hyperparameters.from_env(env)
+    with pytest.raises(ValueError, match="context of 1000 .* not a multiple of 64; set KV_EVAL_CONTEXT_LEN"):
+        args.check_runs_on(torch.device("cpu"))
+    args = tg.Hyperparameters.from_env({**env, "KV_EVAL_CONTEXT_LEN": "960"})
+    args.check_runs_on(torch.device("cpu"))
+    assert args.ar_eval_settings().context == 960
+
+
 def test_a_reused_run_id_is_refused(sample_shards, tmp_path):
     env = tiny_env(sample_shards, tmp_path, ITERATIONS=1, KV_EVAL_MAX_TOKENS=64)
     run(env)
