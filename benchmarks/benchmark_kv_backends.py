@@ -88,11 +88,11 @@ GRIDS = {"exact": ((64, 128), (2, 4), (1, 2, 3), (4, 8), (None,)),
          "int8": ((64, 128), (1, 2, 4), (2, 3), (4, 8), (None, 128)),
          # tq4: values are read in whole tiles of 64 entries, so blocks of 64 (128 took 2,007 instructions a thread a
          # block at one warp, twice 64's, and 7 programs an SM). One warp a program builds to 168 registers uncapped
-         # (12 programs an SM; a cap of 144 fits 13, shared memory then binds), two warps to 153, four decode each
-         # value tile twice (the dots' 32 channel rows over 4 warps). Before the tiles (561 instructions an entry at
-         # blocks of 32, one warp, 4 stages, against 463 now: benchmarks/attend_sass.py, triton 3.6), 2 stages and
-         # caps of 128 never led a tq4 sweep.
-         "tq4": ((64,), (1, 2, 4), (3, 4, 5), (8, 16), (144, 168)),
+         # (12 programs an SM; a cap of 144 fits 13, shared memory then binds), two warps to 153; four would decode
+         # each value tile twice (the dots' 32 channel rows over 4 warps: 970 instructions an entry), so the grid has
+         # none. Before the tiles (561 instructions an entry at blocks of 32, one warp, 4 stages, against 463 now:
+         # benchmarks/attend_sass.py, triton 3.6), 2 stages and caps of 128 never led a tq4 sweep.
+         "tq4": ((64,), (1, 2), (3, 4, 5), (8, 16), (144, 168)),
          "qjl": ((32, 64, 128), (2, 4, 8), (1, 2, 3), (4, 8), (None, 128))}
 WRITE_WARPS = (1, 2, 4, 8)
 TRITON_NAMES = [cls.name for cls in kv.TRITON_BACKENDS]
