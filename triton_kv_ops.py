@@ -703,11 +703,11 @@ if triton is not None:
         return decoded
 
     @triton.jit
-    def _store_tq4_tiles(x, q_ptr, s_ptr, codebook_ptr, entry, live):
-        """x (R, D) rotated value rows coded (_tq4_codes) into their tiles (TQ4_TILE, tq4_tile_bytes): a nibble of
-        a byte that another entry's code shares, read, merged and written back; the scale in fp16."""
-        D: tl.constexpr = x.shape[1]
-        code, scale, decoded = _tq4_codes(x, codebook_ptr)
+    def _read_tq4_tiles(q_ptr, entry, live, D: tl.constexpr):
+        """The bytes of their tiles (TQ4_TILE, tq4_tile_bytes) that value entries (R,) code into: a nibble of a byte
+        that another entry's code shares. -> (each channel's byte offset (R, D), its nibble's shift (R, 1), the bytes
+        less those nibbles (R, D) int32) for _store_tq4_tiles; read with the program's other loads, before its first
+        store, which could alias them (read after the codes, they issued at the end of the sm_90 build)."""
         e = entry % TQ4_TILE
         order = 2 * (e // 16) + e % 2  # the decoder's output that holds the entry, at this nibble:
         nibble = (order & 4) | ((order & 1) << 1) | ((order >> 1) & 1)  # bits 0 and 1 swapped
@@ -715,9 +715,16 @@ if triton is not None:
         row = channel % 2 * (D // 2) + channel // 2  # even channels first
         byte = ((entry - e) * (D // 2) + e % 16 // 2 * 4 + nibble // 2)[:, None] + (32 * row)[None, :]
         shift = (4 * (nibble % 2))[:, None]
-        mask = live[:, None] & (channel < D)[None, :]
-        kept = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32) & ~(15 << shift)
-        tl.store(q_ptr + byte, (kept | (code << shift)).to(tl.uint8), mask=mask)
+        kept = tl.load(q_ptr + byte, mask=tl.broadcast_to(live[:, None], byte.shape), other=0).to(tl.int32)
+        return byte, shift, kept & ~(15 << shift)
+
+    @triton.jit
+    def _store_tq4_tiles(x, q_ptr, s_ptr, codebook_ptr, entry, live, tiles):
+        """x (R, D) rotated value rows coded (_tq4_codes) into their tiles: each code merged into its byte as read
+        (tiles: _read_tq4_tiles); the scale in fp16."""
+        code, scale, _ = _tq4_codes(x, codebook_ptr)
+        byte, shift, kept = tiles
+        tl.store(q_ptr + byte, (kept | (code << shift)).to(tl.uint8), mask=tl.broadcast_to(live[:, None], code.shape))
         tl.store(s_ptr + entry, scale.to(tl.float16), mask=live)
 
     @triton.jit
@@ -741,10 +748,8 @@ if triton is not None:
         return tl.reshape(t, (R, D))
 
     @triton.jit
-    def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr,
-                     VALUES: tl.constexpr):
-        """Rows x (R, D) fp32 (already rotated for tq4) written in CODEC at their entries where live; tq4 values in
-        their tiles."""
+    def _store_codes(x, q_ptr, s_ptr, codebook_ptr, entry, live, CODEC: tl.constexpr, GROUP: tl.constexpr):
+        """Rows x (R, D) fp32 (already rotated for tq4) written in CODEC at their entries where live."""
         D: tl.constexpr = x.shape[1]
         if CODEC == "exact":
             offs = tl.arange(0, D)
@@ -756,10 +761,7 @@ if triton is not None:
             _store_groups(x, q_ptr, s_ptr, entry, live, GROUP, 4)
         else:
             tl.static_assert(CODEC == "tq4", "unknown codec: exact, int8, int4 or tq4")
-            if VALUES:
-                _store_tq4_tiles(x, q_ptr, s_ptr, codebook_ptr, entry, live)
-            else:
-                _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live)
+            _store_tq4(x, q_ptr, s_ptr, codebook_ptr, entry, live)
 
     @triton.jit
     def _sketch(x, sketch_ptr, M: tl.constexpr):
@@ -810,10 +812,15 @@ if triton is not None:
         ptrs = tl.where(is_value, v_ptr + b * row_stride + (h0 + rows - V0) * D, x_ptr + b * row_stride + x_head * D)
         in_tile = (is_query | in_keys | is_value)[:, None]
         x = tl.load(ptrs[:, None] + offs[None, :], mask=in_tile, other=0).to(tl.float32)
-        signs, hadamard = 0, 0  # read by rotating codecs only
+        head = tl.arange(0, BLOCK_K)  # the group's KV heads, a row each in the tiles of its keys and its values
+        live = (head < HG) & (head * 0 + pos >= 0)
+        entry = (b * H + h0 + head) * CAP + slot
+        signs, hadamard, tiles = 0, 0, 0  # read by rotating codecs, and tq4 values, only
         if KEY_ROTATES:  # every load of the program before its first store, which the loads could alias
             signs = tl.load(rot_signs_ptr + offs)
             hadamard = tl.load(hadamard_ptr + offs[:, None] * D + offs[None, :])
+        if VALUE == "tq4":
+            tiles = _read_tq4_tiles(vq_ptr, entry, live, D)
         if PROLOGUE:  # queries and keys: RMS norm, rotary at the row's position, the queries' gains
             HALF: tl.constexpr = D // 2
             partner = tl.load(ptrs[:, None] + ((offs + HALF) % D)[None, :], mask=(is_query | in_keys)[:, None],
@@ -838,13 +845,10 @@ if triton is not None:
             tl.store(kbits_ptr + tile_entry[:, None] * (M // 8) + offs_b[None, :], tl.sum(bits, axis=2).to(tl.uint8),
                      mask=is_key[:, None] & (offs_b < M // 8)[None, :])
             tl.store(krnorm_ptr + tile_entry, tl.sqrt(tl.sum(residual * residual, axis=1)).to(tl.float16), mask=is_key)
-        head = tl.arange(0, BLOCK_K)  # the group's KV heads, a row each in the tiles of its keys and its values
-        live = (head < HG) & (head * 0 + pos >= 0)
-        entry = (b * H + h0 + head) * CAP + slot
         ring = (b * H + h0 + head) * RECENT + ring_slot
         keys, values = _rows(x, K0, BLOCK_K), _rows(x, V0, BLOCK_K)
         if KEY != "qjl":
-            _store_codes(keys, kq_ptr, ks_ptr, codebook_ptr, entry, live, KEY, GROUP, False)
+            _store_codes(keys, kq_ptr, ks_ptr, codebook_ptr, entry, live, KEY, GROUP)
         if RECENT > 0:
             tl.store(krecent_ptr + ring[:, None] * D + offs[None, :], keys.to(krecent_ptr.dtype.element_ty),
                      mask=live[:, None])
@@ -854,7 +858,10 @@ if triton is not None:
         if RECENT_VALUES:
             tl.store(vrecent_ptr + ring[:, None] * D + offs[None, :], values.to(vrecent_ptr.dtype.element_ty),
                      mask=live[:, None])
-        _store_codes(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, VALUE, GROUP, True)
+        if VALUE == "tq4":
+            _store_tq4_tiles(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, tiles)
+        else:
+            _store_codes(values, vq_ptr, vs_ptr, codebook_ptr, entry, live, VALUE, GROUP)
         tl.store(len_ptr + b, tl.minimum(pos + 1, CAP).to(tl.int32), mask=(pos >= 0) & (h0 == 0))
         if RECENT > 0:
             tl.store(newest_ptr + b, pos.to(tl.int32), mask=(pos >= 0) & (h0 == 0))
