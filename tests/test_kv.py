@@ -225,8 +225,8 @@ def test_tq4_value_tiles_decode_to_the_references_values(n):
     d = 64
     gen = torch.Generator().manual_seed(2)
     cache = kv.make_kv_cache("tq4", 1, 1, 1, n, d, DEVICE, torch.float32, kv.KVConfig(recent_exact_tokens=0))
-    cache.v_codes.copy_(torch.randint(0, 256, cache.v_codes.shape, generator=gen).to(torch.uint8))
-    cache.v_scale.copy_(torch.rand(cache.v_scale.shape, generator=gen).half() + 0.5)
+    cache.v_codes.copy_(torch.randint(0, 256, cache.v_codes.shape, generator=gen, dtype=torch.uint8, device="cpu"))
+    cache.v_scale.copy_(torch.rand(cache.v_scale.shape, generator=gen, device="cpu").half() + 0.5)
     out = torch.empty(n, d, dtype=torch.float16)
     scale = torch.empty(n, 1)
     decode[(1,)](cache.v_codes, cache.v_scale, cache.mse.decoder_tables, out, scale, D=d, N=n)
