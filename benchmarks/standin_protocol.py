@@ -82,13 +82,17 @@ def run_config(name: str, extra: dict, a, tg) -> dict:
 
 
 def code_commit(code_dir: Path) -> str:
-    """HEAD's short hash, "-dirty" when tracked files differ from it (the row ran code no commit holds)."""
+    """HEAD's short hash where code_dir's train_gpt.py is tracked, "-dirty" when tracked files differ from it (the row
+    ran code no commit holds). A tree extracted by `git archive` (device_run.sh's REVS versions, staged in the
+    checkout's ignored .device folder) is no checkout of its own: git stamped its commit in benchmarks/commit.txt."""
     git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=code_dir,  # noqa: E731
                                        check=False).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD")
-    if not head:
-        return "uncommitted"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    head = git("rev-parse", "--short", "--verify", "-q", "HEAD")
+    if head and git("ls-files", "train_gpt.py"):
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    stamp = code_dir / "benchmarks" / "commit.txt"
+    archived = stamp.read_text().strip() if stamp.is_file() else ""
+    return archived if archived and "$Format" not in archived else "uncommitted"
 
 
 def table_row(name: str, s: dict, device: str, commit: str) -> str:

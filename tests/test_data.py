@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -210,3 +211,30 @@ def test_standin_rows_name_a_dirty_tree(tmp_path, monkeypatch):
     assert protocol.code_commit(tmp_path) == head
     (tmp_path / "train_gpt.py").write_text("a = 2\n")
     assert protocol.code_commit(tmp_path) == head + "-dirty"
+
+
+def test_standin_rows_name_the_commit_of_an_archived_tree(tmp_path, monkeypatch):
+    """A version staged by `git archive` inside the checkout (device_run.sh's REVS) is named by its own commit, not
+    by the checkout's HEAD around it; a tree copied by other means names none."""
+    protocol = load_benchmark("standin_protocol", monkeypatch)
+    repo = tmp_path / "repo"
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,  # noqa: E731
+                                       check=True, capture_output=True, text=True).stdout.strip()
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in ("commit.txt", ".gitattributes"):
+        shutil.copy(ROOT / "benchmarks" / name, repo / "benchmarks" / name)
+    (repo / "train_gpt.py").write_text("a = 1\n")
+    (repo / ".gitignore").write_text("/.device/\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "staged version")
+    staged = git("rev-parse", "--short", "HEAD")
+    version = repo / ".device" / "rev" / "a"
+    version.mkdir(parents=True)
+    subprocess.run(f"git archive HEAD | tar -x -C {version}", shell=True, cwd=repo, check=True)
+    (repo / "train_gpt.py").write_text("a = 2\n")
+    git("commit", "-qam", "the checkout moves on")
+    assert protocol.code_commit(version) == staged != git("rev-parse", "--short", "HEAD")
+    copied = tmp_path / "copied"
+    shutil.copytree(repo, copied, ignore=shutil.ignore_patterns(".git", ".device"))
+    assert protocol.code_commit(copied) == "uncommitted"
