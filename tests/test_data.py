@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import shutil
@@ -196,12 +197,16 @@ def test_standin_protocol_refuses_a_code_dir_without_the_trainer(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def git_in(repo, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def test_standin_rows_name_a_dirty_tree(tmp_path, monkeypatch):
     """A row run from uncommitted changes to tracked files says so: its commit alone would not reproduce it."""
     protocol = load_benchmark("standin_protocol", monkeypatch)
     assert protocol.code_commit(tmp_path) == "uncommitted"
-    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,  # noqa: E731
-                                       check=True, capture_output=True, text=True).stdout.strip()
+    git = functools.partial(git_in, tmp_path)
     git("init", "-q")
     (tmp_path / "train_gpt.py").write_text("a = 1\n")
     git("add", "train_gpt.py")
@@ -218,8 +223,7 @@ def test_standin_rows_name_the_commit_of_an_archived_tree(tmp_path, monkeypatch)
     by the checkout's HEAD around it; a tree copied by other means names none."""
     protocol = load_benchmark("standin_protocol", monkeypatch)
     repo = tmp_path / "repo"
-    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,  # noqa: E731
-                                       check=True, capture_output=True, text=True).stdout.strip()
+    git = functools.partial(git_in, repo)
     (repo / "benchmarks").mkdir(parents=True)
     for name in ("commit.txt", ".gitattributes"):
         shutil.copy(ROOT / "benchmarks" / name, repo / "benchmarks" / name)
@@ -231,7 +235,8 @@ def test_standin_rows_name_the_commit_of_an_archived_tree(tmp_path, monkeypatch)
     staged = git("rev-parse", "--short", "HEAD")
     version = repo / ".device" / "rev" / "a"
     version.mkdir(parents=True)
-    subprocess.run(f"git archive HEAD | tar -x -C {version}", shell=True, cwd=repo, check=True)
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=repo, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(version)], input=archive, check=True)
     (repo / "train_gpt.py").write_text("a = 2\n")
     git("commit", "-qam", "the checkout moves on")
     assert protocol.code_commit(version) == staged != git("rev-parse", "--short", "HEAD")
