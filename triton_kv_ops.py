@@ -1272,9 +1272,9 @@ if triton is not None:
                 ring = ((b * H + h) * RECENT + j)[:, None] * D + offs_d[None, :]
                 k = tl.load(krecent_ptr + ring, mask=live[:, None], other=0).to(tl.float16)
                 s = tl.where(live[:, None], tl.dot(k, tl.trans(q_in.to(tl.float16))) * score_scale, float("-inf"))
-                if RECENT_VALUES:
-                    v_even, v_odd = _even_odd_halves(tl.load(vrecent_ptr + ring, mask=live[:, None], other=0))
-                    v_even, v_odd, p_scale = (tl.trans(v_even.to(tl.float16)),), (tl.trans(v_odd.to(tl.float16)),), 1.0
+                if RECENT_VALUES:  # the ring's rows, exact in the rotated basis
+                    v_even, v_odd, p_scale = _value_halves(vrecent_ptr, vs_ptr, (b * H + h) * RECENT + j, 0, live, 0,
+                                                           "exact", D, GROUP)
                 else:
                     v_even, v_odd, p_scale = _value_halves(vq_ptr, vs_ptr, row + tl.maximum(p, 0) % CAP, 0, live,
                                                            tables[1], VALUE, D, GROUP)
@@ -1559,12 +1559,12 @@ class QJLRecentKTritonCache(QJLTritonCache, QJLRecentKCache):
 class TQ4TritonCache(RotatedAttendMixin, TQ4Cache):
     name, key_codec, value_codec = "tq4_triton", "tq4", "tq4"
     capacity_multiple = TQ4_VALUE_TILE
-    # Blocks of 64, whole tiles of values. Not yet swept on a GPU; from the sm_90 builds (benchmarks/attend_sass.py,
-    # triton 3.6). Bandwidth: one warp, 4 stages, a 168 cap (12 programs an SM; triton 3.9 takes 235 registers
-    # uncapped) issue 463 instructions a cached entry, against 561 for the rows of values before the tiles at their
-    # swept launch (blocks of 32, one warp, 4 stages, a 168 cap: 143.6 us at 16384x64 on one H200). Latency: four
-    # warps would decode each value tile twice (970 an entry, against the rows' 824); two, 538. Its write, swept at
-    # 1024x1024 before the tiles: 7.7 us in one warp against 9.4 in two (at 16384x64 6.6 against 6.5).
+    # Blocks of 64, whole tiles of values. Bandwidth: one warp, 4 stages, a 168 cap (12 programs an SM; triton 3.9
+    # takes 235 registers uncapped) issue 463 instructions a cached entry in the sm_90 build (benchmarks/attend_sass.py,
+    # triton 3.6), against 561 for the rows of values before the tiles; swept on one H200 (24 settings at 16384x64,
+    # 2026-12-05) it was the fastest, 118.3 us, against the rows' 143.6. Latency (not swept): four warps would decode
+    # each value tile twice (970 an entry, against the rows' 824); two, 538. Its write, swept at 1024x1024 before the
+    # tiles: 7.7 us in one warp against 9.4 in two (at 16384x64 6.6 against 6.5).
     launch = {"latency": (64, 2, 4, 4, None), "bandwidth": (64, 1, 4, 16, 168)}
     bandwidth_write_warps = 1
 
